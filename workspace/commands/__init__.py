@@ -1,0 +1,1 @@
+"""One module per ``mammo`` subcommand (see :mod:`workspace.cli`)."""
