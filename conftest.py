@@ -2,4 +2,8 @@
 
 pytest_plugins = [
     "tests.fixtures.common",
+    "tests.fixtures.dicom",
+    "tests.fixtures.importers",
+    "tests.fixtures.fiftyone",
+    "tests.fixtures.labelstudio",
 ]

@@ -1,0 +1,368 @@
+"""Build and refresh the two FiftyOne datasets of a dissection run (``mammo fiftyone sync``).
+
+* **patches** (``<prefix>-patches``): one sample per patch of the run. ``filepath`` is the patch
+  thumbnail; fields ``patch_id``, ``image_id``, ``x``, ``y``, ``size`` (normalised orientation),
+  ``split``, ``ground_truth`` (Classification lesion | normal), ``prediction`` (Classification with
+  the model's P(possibly malignant) as confidence) and ``score``, ``max_activations`` (one float per
+  unit: ``view.sort_by(F("max_activations")[u], reverse=True)``), ``top_units`` (the 5 units most
+  active relative to their threshold), ``activation`` (Heatmap of the most active unit's map) and
+  ``unit_masks`` (Detections: one per unit that has this patch among its top-k, its thresholded
+  mask, attributes ``unit``, ``rank``, ``activation``).
+* **neurons** (``<prefix>-neurons``): one sample per unit. ``filepath`` is a montage of the unit's
+  top-k patches (best first) with its mask outlined on each; fields ``unit``, ``pca`` ([x, y]),
+  ``pca_x``, ``pca_y``, ``threshold``, ``top_patch_ids``, ``top_activations``, ``lesion_share``
+  (lesion patches among the top-k) and ``concept`` (Classification copied from the concept store).
+
+The concept store stays the source of truth: :func:`refresh_concepts` copies its labels into the
+neurons dataset, writing only samples whose concept changed. Both datasets record the workspace,
+run and dataset names in ``info["mammo"]``; a second :func:`sync` of the same run writes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fiftyone_plugins import DEFAULT_PREFIX, dataset_names, media
+from workspace.config import Workspace
+from workspace.errors import MammoError
+from workspace.progress import progress
+
+SYNC_VERSION = 1
+N_TOP_UNITS = 5
+MASK_SIZE = 64          # resolution of the stored per-unit masks (the App scales them to the patch)
+UNLABELLED = "unlabelled"
+DEFAULT_OPERATING_POINT = 0.5
+
+# reader(patch_ids) yields (patch_ids_of_batch, scores (B,), maps (B, units, h, w)) batches; it may carry
+# an ``operating_point`` attribute (P(possibly malignant) from which a patch is called suspicious).
+Reader = Callable[[Sequence[int]], Iterable[tuple[Sequence[int], np.ndarray, np.ndarray]]]
+
+
+class SyncError(MammoError):
+    """The run, its patches or the FiftyOne datasets cannot be synced (the message says why)."""
+
+
+@dataclass
+class SyncSummary:
+    patches_dataset: str
+    neurons_dataset: str
+    patches_written: int
+    neurons_written: int
+    concepts_changed: int
+
+
+# ------------------------------------------------------------------------------ the model's outputs
+def model_reader(ws: Workspace, run: Any, loaded: Any = None, batch_size: int = 8) -> Reader:
+    """Scores and feature maps of the run's patches from the run's model (via ``models.features.capture``)."""
+    import torch
+
+    from models.features import capture
+    from workspace.catalog import open_catalog
+    from workspace.patches import open_patch_set
+
+    if loaded is None:
+        from models.checkpoint import load_checkpoint
+
+        db = open_catalog(ws)
+        rows = list(db.query("SELECT path FROM models WHERE model_digest = ?", [run.model_digest]))
+        if not rows:
+            raise SyncError(f"model {run.model_digest} of run {run.run_id} is not in the catalog")
+        path = Path(rows[0]["path"])
+        loaded = load_checkpoint(path if path.is_absolute() else ws.root / path)
+
+    def read(patch_ids: Sequence[int]):
+        db = open_catalog(ws)
+        index = {r["patch_id"]: r for r in db.query(
+            f"SELECT patch_id, patch_set, array_index FROM patches WHERE patch_id IN "
+            f"({','.join('?' * len(patch_ids))})", [int(p) for p in patch_ids])}
+        sets: dict[str, Any] = {}
+        model = loaded.model
+        device = next(model.parameters()).device
+        for start in range(0, len(patch_ids), batch_size):
+            chunk = [int(p) for p in patch_ids[start:start + batch_size]]
+            name = index[chunk[0]]["patch_set"]
+            patch_set = sets.setdefault(name, open_patch_set(ws, name))
+            x = patch_set.batch([index[p]["array_index"] for p in chunk]).to(device)
+            with torch.inference_mode(), capture(model, run.layer) as tap:
+                logits = model(loaded.preprocess(x))
+            scores = torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
+            yield chunk, scores, tap.output.float().cpu().numpy()
+
+    read.operating_point = loaded.operating_point  # type: ignore[attr-defined]
+    return read
+
+
+# ------------------------------------------------------------------------------------------- sync
+def sync(ws: Workspace, run: Any, *, prefix: str = DEFAULT_PREFIX, loaded: Any = None,
+         reader: Reader | None = None) -> tuple[Any, Any]:
+    """Build (or refresh) the patches and neurons datasets of ``run``; returns ``(patches, neurons)``.
+
+    ``run`` is a :class:`workspace.dissect_run.DissectionRun`; ``reader`` gives the model's scores
+    and feature maps of patches (default: :func:`model_reader` with ``loaded`` or the run's model).
+    """
+    patches, neurons, _summary = sync_with_summary(ws, run, prefix=prefix, loaded=loaded, reader=reader)
+    return patches, neurons
+
+
+def sync_with_summary(ws: Workspace, run: Any, *, prefix: str = DEFAULT_PREFIX, loaded: Any = None,
+                      reader: Reader | None = None) -> tuple[Any, Any, SyncSummary]:
+    import fiftyone as fo
+
+    patches_name, neurons_name = dataset_names(prefix)
+    rows = _patch_rows(ws, run)
+    signature = _signature(ws, run, rows)
+    meta = {"workspace": str(ws.root), "run_id": run.run_id, "model_digest": run.model_digest,
+            "layer": run.layer, "n_units": int(np.asarray(run.max_activations).shape[0]),
+            "top_k": int(np.asarray(run.top_k).shape[1]), "patches_dataset": patches_name,
+            "neurons_dataset": neurons_name, "signature": signature, "version": SYNC_VERSION,
+            "explained_variance": [float(v) for v in np.asarray(run.explained_variance).ravel()]}
+    patches_ds = _open(fo, patches_name)
+    neurons_ds = _open(fo, neurons_name)
+    fresh = (_meta(patches_ds).get("signature") == signature and _meta(neurons_ds).get("signature") == signature
+             and len(patches_ds) == len(rows) and len(neurons_ds) == meta["n_units"])
+    written_p = written_n = 0
+    if not fresh:
+        reader = reader or model_reader(ws, run, loaded)
+        operating_point = float(getattr(reader, "operating_point", DEFAULT_OPERATING_POINT))
+        patch_samples, unit_media = _build_patch_samples(fo, ws, run, rows, reader, operating_point)
+        neuron_samples = _build_neuron_samples(fo, ws, run, rows, unit_media)
+        for ds, samples, kind in ((patches_ds, patch_samples, "patches"), (neurons_ds, neuron_samples, "neurons")):
+            ds.clear()
+            ds.add_samples(samples, progress=False)
+            ds.info["mammo"] = dict(meta, kind=kind)
+            ds.save()
+        patches_ds.add_dynamic_sample_fields()   # unit/rank of the masks: filterable in the sidebar
+        written_p, written_n = len(patch_samples), len(neuron_samples)
+    changed = refresh_concepts(ws, neurons_ds)
+    summary = SyncSummary(patches_name, neurons_name, written_p, written_n, changed)
+    return patches_ds, neurons_ds, summary
+
+
+def _open(fo: Any, name: str):
+    if fo.dataset_exists(name):
+        return fo.load_dataset(name)
+    ds = fo.Dataset(name)
+    ds.persistent = True
+    return ds
+
+
+def _meta(ds: Any) -> dict:
+    return dict(ds.info.get("mammo") or {})
+
+
+def _patch_rows(ws: Workspace, run: Any) -> list[dict]:
+    from workspace.catalog import open_catalog
+
+    ids = [int(p) for p in np.asarray(run.patch_ids)]
+    db = open_catalog(ws)
+    found: dict[int, dict] = {}
+    for start in range(0, len(ids), 900):
+        chunk = ids[start:start + 900]
+        for row in db.query(f"SELECT * FROM patches WHERE patch_id IN ({','.join('?' * len(chunk))})", chunk):
+            found[row["patch_id"]] = dict(row)
+    missing = [p for p in ids if p not in found]
+    if missing:
+        raise SyncError(f"run {run.run_id} refers to {len(missing)} patches not in the catalog "
+                        f"(first: {missing[:5]}); was the patch set rebuilt? dissect again")
+    rows = []
+    for p in ids:
+        row = found[p]
+        thumb = row.get("thumb_path")
+        if not thumb:
+            raise SyncError(f"patch {p} has no thumbnail; rebuild the patch set (`mammo patches`)")
+        path = Path(thumb) if Path(thumb).is_absolute() else ws.root / thumb
+        if not path.exists():
+            raise SyncError(f"thumbnail of patch {p} is missing: {path}")
+        rows.append(dict(row, thumb_abs=str(path)))
+    return rows
+
+
+def _signature(ws: Workspace, run: Any, rows: list[dict]) -> str:
+    blob = json.dumps([SYNC_VERSION, str(ws.root), run.run_id, run.model_digest, run.layer,
+                       [(r["patch_id"], r["thumb_abs"], r["label"], r["split"]) for r in rows]])
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def _relative(run: Any) -> np.ndarray:
+    """Max activations divided by each unit's threshold (units comparable: 1 = at the threshold)."""
+    acts = np.asarray(run.max_activations, dtype=np.float32)
+    thresholds = np.asarray(run.thresholds, dtype=np.float32)
+    return acts / np.where(thresholds > 0, thresholds, 1.0)[:, None]
+
+
+def _unit_masks(maps: np.ndarray, thresholds: np.ndarray, size: int) -> np.ndarray:
+    from workspace.dissection import unit_masks
+
+    masks = unit_masks(maps, thresholds, size)
+    return masks.numpy() if hasattr(masks, "numpy") else np.asarray(masks)
+
+
+def _build_patch_samples(fo: Any, ws: Workspace, run: Any, rows: list[dict], reader: Reader,
+                         operating_point: float):
+    acts = np.asarray(run.max_activations, dtype=np.float32)
+    relative = _relative(run)
+    thresholds = np.asarray(run.thresholds, dtype=np.float32)
+    top_k = np.asarray(run.top_k).astype(np.int64)
+    column = {int(p): i for i, p in enumerate(np.asarray(run.patch_ids))}
+    in_top: dict[int, list[tuple[int, int]]] = {}            # patch -> [(unit, rank)]
+    for unit in range(top_k.shape[0]):
+        for rank, p in enumerate(top_k[unit]):
+            in_top.setdefault(int(p), []).append((unit, rank))
+    unit_media: dict[int, dict[int, np.ndarray]] = {}         # unit -> {patch: mask at MASK_SIZE}
+    by_id = {r["patch_id"]: r for r in rows}
+    samples = []
+    ids = [r["patch_id"] for r in rows]
+    bar = progress(total=len(ids), desc="fiftyone: patches", unit="patch")
+    for batch_ids, scores, maps in reader(ids):
+        maps = np.asarray(maps, dtype=np.float32)
+        for b, p in enumerate(batch_ids):
+            row, col = by_id[int(p)], column[int(p)]
+            detections = []
+            pairs = in_top.get(int(p), [])
+            if pairs:
+                units = [u for u, _ in pairs]
+                masks = _unit_masks(maps[b, units], thresholds[units], MASK_SIZE)
+                for (unit, rank), mask in zip(pairs, masks, strict=True):
+                    unit_media.setdefault(unit, {})[int(p)] = mask
+                    detection = _mask_detection(fo, unit, rank, float(acts[unit, col]), mask)
+                    if detection is not None:
+                        detections.append(detection)
+            best = int(np.argmax(relative[:, col]))
+            heat = maps[b, best]
+            top = np.argsort(-relative[:, col], kind="stable")[:N_TOP_UNITS]
+            score = float(scores[b])
+            sample = fo.Sample(
+                filepath=row["thumb_abs"], patch_id=int(p), image_id=row["image_id"], x=int(row["x"]),
+                y=int(row["y"]), size=int(row["size"]), split=row["split"], array_index=int(row["array_index"]),
+                ground_truth=fo.Classification(label="lesion" if row["label"] == 1 else "normal"),
+                prediction=fo.Classification(label="possibly malignant" if score >= operating_point else "normal",
+                                             confidence=score),
+                score=score, max_activations=[float(v) for v in acts[:, col]],
+                top_units=[int(u) for u in top],
+                activation=fo.Heatmap(map=_heat_u8(heat, thresholds[best]), range=[0, 255], unit=best),
+                unit_masks=fo.Detections(detections=detections))
+            samples.append(sample)
+            bar.update(1)
+    bar.close()
+    if len(samples) != len(rows):
+        raise SyncError(f"the model gave outputs for {len(samples)} of {len(rows)} patches")
+    order = {p: i for i, p in enumerate(ids)}
+    samples.sort(key=lambda s: order[s["patch_id"]])
+    return samples, unit_media
+
+
+def _heat_u8(heat: np.ndarray, threshold: float) -> np.ndarray:
+    """A unit's map as uint8, 255 at twice its threshold (so "above threshold" is the top half)."""
+    scale = 2.0 * float(threshold) if threshold > 0 else float(heat.max() or 1.0)
+    return np.clip(np.asarray(heat, dtype=np.float32) / scale * 255.0, 0, 255).astype(np.uint8)
+
+
+def _mask_detection(fo: Any, unit: int, rank: int, activation: float, mask: np.ndarray):
+    """A Detection holding a unit's mask on a patch, boxed tightly (None when the mask is empty)."""
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        return None
+    size = mask.shape[0]
+    y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    return fo.Detection(label=f"unit {unit}", bounding_box=[x0 / size, y0 / size, (x1 - x0) / size,
+                                                            (y1 - y0) / size],
+                        mask=mask[y0:y1, x0:x1].copy(), unit=int(unit), rank=int(rank) + 1,
+                        activation=round(activation, 5))
+
+
+def montage_path(ws: Workspace, run_id: str, unit: int) -> Path:
+    return ws.fiftyone_dir / "media" / run_id / f"unit_{unit:04d}.png"
+
+
+def _build_neuron_samples(fo: Any, ws: Workspace, run: Any, rows: list[dict], unit_media: dict):
+    acts = np.asarray(run.max_activations, dtype=np.float32)
+    thresholds = np.asarray(run.thresholds, dtype=np.float32)
+    top_k = np.asarray(run.top_k).astype(np.int64)
+    pca = np.asarray(run.pca, dtype=np.float32)
+    column = {int(p): i for i, p in enumerate(np.asarray(run.patch_ids))}
+    by_id = {r["patch_id"]: r for r in rows}
+    samples = []
+    greys: dict[int, np.ndarray] = {}
+    for unit in progress(range(acts.shape[0]), desc="fiftyone: units", unit="unit"):
+        ids = [int(p) for p in top_k[unit]]
+        values = [float(acts[unit, column[p]]) if p in column else float("nan") for p in ids]
+        labels = [by_id[p]["label"] if p in by_id else -1 for p in ids]
+        path = montage_path(ws, run.run_id, unit)
+        if not path.exists():
+            tiles, captions, frames = [], [], []
+            for rank, (p, value, label) in enumerate(zip(ids, values, labels, strict=True), start=1):
+                if p not in greys:
+                    greys[p] = media.load_grey(by_id[p]["thumb_abs"]) if p in by_id else \
+                        np.zeros((media.TILE, media.TILE), np.uint8)
+                mask = unit_media.get(unit, {}).get(p)
+                tile = media.overlay_mask(greys[p], mask) if mask is not None else \
+                    np.repeat(greys[p][..., None], 3, axis=2)
+                tiles.append(tile)
+                captions.append(f"#{rank} {value:.2f} {'lesion' if label == 1 else 'normal'}")
+                frames.append(media.LESION_COLOUR if label == 1 else media.NORMAL_COLOUR)
+            title = f"unit {unit}  threshold {thresholds[unit]:.2f}  run {run.run_id}"
+            media.save_png(media.montage(tiles, captions, frames, title), path)
+        lesion_share = float(np.mean([lab == 1 for lab in labels])) if labels else 0.0
+        samples.append(fo.Sample(
+            filepath=str(path), unit=unit, pca=[float(pca[unit, 0]), float(pca[unit, 1])],
+            pca_x=float(pca[unit, 0]), pca_y=float(pca[unit, 1]), threshold=float(thresholds[unit]),
+            top_patch_ids=ids, top_activations=[round(v, 5) for v in values], lesion_share=lesion_share,
+            run_id=run.run_id))
+    return samples
+
+
+# ------------------------------------------------------------------------------ concept labels
+def refresh_concepts(ws: Workspace, neurons_ds: Any) -> int:
+    """Copy the store's labels into the neurons dataset; returns how many units changed.
+
+    Only changed samples are written (a refresh with nothing new writes nothing). The App's colour
+    scheme gives each concept its store colour.
+    """
+    import fiftyone as fo
+
+    from workspace.concepts import ConceptStore
+
+    meta = _meta(neurons_ds)
+    if not meta:
+        raise SyncError(f"dataset {neurons_ds.name} was not made by `mammo fiftyone sync`")
+    with ConceptStore(ws) as store:
+        labels = store.labels(meta["model_digest"], meta["layer"])
+    if not neurons_ds.has_sample_field("concept"):
+        neurons_ds.add_sample_field("concept", fo.EmbeddedDocumentField, embedded_doc_type=fo.Classification)
+    ids, units, current = neurons_ds.values(["id", "unit", "concept.label"])
+    changed_ids, new_values = [], []
+    for sample_id, unit, label in zip(ids, units, current, strict=True):
+        concept = labels.get(int(unit))
+        wanted = concept.name if concept else None
+        if wanted != label:
+            changed_ids.append(sample_id)
+            new_values.append(fo.Classification(label=wanted) if wanted else None)
+    if changed_ids:
+        view = neurons_ds.select(changed_ids, ordered=True)
+        view.set_values("concept", new_values)
+    _apply_colours(fo, neurons_ds, {c.name: c.colour for c in labels.values()})
+    return len(changed_ids)
+
+
+def _apply_colours(fo: Any, ds: Any, colours: dict[str, str]) -> None:
+    wanted = sorted(colours.items())
+    scheme = ds.app_config.color_scheme
+    current = []
+    if scheme is not None and scheme.fields:
+        for entry in scheme.fields:
+            if entry.get("path") == "concept":
+                current = sorted((v["value"], v["color"]) for v in entry.get("valueColors", []))
+    if current == wanted and scheme is not None:
+        return
+    ds.app_config.color_scheme = fo.ColorScheme(
+        color_by="value",
+        fields=[{"path": "concept", "colorByAttribute": "label", "fieldColor": "#999999",
+                 "valueColors": [{"value": name, "color": colour} for name, colour in wanted]}])
+    ds.save()

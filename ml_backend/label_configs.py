@@ -1,0 +1,166 @@
+"""The two Label Studio label configs, and the check that a config sent to the backend is one of them.
+
+Control names are the contract between the configs, the backend's answers and the webhook:
+
+- ``roi``: the reader's ROI, a ``smart`` brush (with the backend connected as interactive, drawing it
+  sends the region to ``/predict`` in ``params.context.result``);
+- ``units``: the backend's brush regions (aligned units' masks, the most activated unit's map);
+- ``findings``: the suspicious patches as rectangles (Screening reads);
+- ``assessment``: the image-level (or patch-level) choice, with the model's score;
+- ``concept`` (existing concepts, from the task's ``concepts`` list) and ``new_concept`` (free text):
+  the concept the reader sees in the ROI (the paper's progressive labelling);
+- ``report``: the per-concept report, as text.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+
+from workspace.errors import MammoError
+
+SCREENING = "screening"
+PATCH_REVIEW = "patch_review"
+
+TITLES = {SCREENING: "Screening reads", PATCH_REVIEW: "Patch review"}
+
+ROI_LABEL = "ROI"
+ALIGNED_LABEL = "aligned unit"
+MOST_ACTIVATED_LABEL = "most activated unit"
+MOST_ALIGNED_LABEL = "most aligned unit"
+SUSPICIOUS_LABEL = "suspicious patch"
+POSITIVE_CHOICE = "possibly malignant"
+NEGATIVE_CHOICE = "not suspicious"
+
+
+class LabelConfigError(MammoError):
+    """A label config the backend cannot answer for (a control is missing or points elsewhere)."""
+
+
+_SIDE_PANEL = """
+    <Header value="Your ROI (smart brush: draw, and the model answers)" size="5"/>
+    <BrushLabels name="roi" toName="{target}" smart="true" showInline="true">
+      <Label value="{roi}" background="#ff00ff"/>
+    </BrushLabels>
+    <Header value="Concept the ROI shows" size="5"/>
+    <Choices name="concept" toName="{target}" value="$concepts" choice="single-radio" showInline="false"
+             allowNested="false"/>
+    <TextArea name="new_concept" toName="{target}" placeholder="...or type a new concept" rows="1"
+              maxSubmissions="1" editable="true"/>
+    <Header value="Model" size="5"/>
+    <BrushLabels name="units" toName="{target}" showInline="true">
+      <Label value="{aligned}" background="#00c8ff"/>
+      <Label value="{most_aligned}" background="#00ff88"/>
+      <Label value="{most_activated}" background="#ffd000"/>
+    </BrushLabels>
+    <Choices name="assessment" toName="{target}" choice="single" showInline="true">
+      <Choice value="{positive}"/>
+      <Choice value="{negative}"/>
+    </Choices>
+    <Header value="Report" size="5"/>
+    <TextArea name="report" toName="{target}" rows="10" editable="false" readonly="true"/>
+"""
+
+
+def _panel(target: str) -> str:
+    return _SIDE_PANEL.format(target=target, roi=ROI_LABEL, aligned=ALIGNED_LABEL, most_aligned=MOST_ALIGNED_LABEL,
+                              most_activated=MOST_ACTIVATED_LABEL, positive=POSITIVE_CHOICE,
+                              negative=NEGATIVE_CHOICE)
+
+
+SCREENING_CONFIG = f"""<View>
+  <Header value="$title" size="4"/>
+  <View style="display: flex; gap: 16px; align-items: flex-start">
+    <View style="flex: 3; min-width: 0">
+      <Image name="image" value="$image" zoom="true" zoomControl="true" rotateControl="false"
+             maxWidth="100%"/>
+    </View>
+    <View style="flex: 2; min-width: 280px">
+    <RectangleLabels name="findings" toName="image" showInline="true">
+      <Label value="{SUSPICIOUS_LABEL}" background="#ff7a00"/>
+    </RectangleLabels>
+{_panel("image")}
+    </View>
+  </View>
+</View>
+"""
+
+PATCH_REVIEW_CONFIG = f"""<View>
+  <Header value="$title" size="4"/>
+  <View style="display: flex; gap: 16px; align-items: flex-start">
+    <View style="flex: 2; min-width: 0">
+      <Header value="Suspicious patch (enlarged)" size="5"/>
+      <Image name="patch" value="$patch" zoom="true" zoomControl="true" rotateControl="false"/>
+    </View>
+    <View style="flex: 1; min-width: 0">
+      <Header value="Mammogram, patch outlined" size="5"/>
+      <Image name="context" value="$image" zoom="true" zoomControl="true"/>
+    </View>
+    <View style="flex: 2; min-width: 280px">
+{_panel("patch")}
+    </View>
+  </View>
+</View>
+"""
+
+CONFIGS = {SCREENING: SCREENING_CONFIG, PATCH_REVIEW: PATCH_REVIEW_CONFIG}
+
+# what each kind needs: control name -> (tag, toName)
+_REQUIRED = {
+    SCREENING: {"roi": ("BrushLabels", "image"), "units": ("BrushLabels", "image"),
+                "findings": ("RectangleLabels", "image"), "assessment": ("Choices", "image"),
+                "report": ("TextArea", "image")},
+    PATCH_REVIEW: {"roi": ("BrushLabels", "patch"), "units": ("BrushLabels", "patch"),
+                   "assessment": ("Choices", "patch"), "report": ("TextArea", "patch")},
+}
+
+
+@dataclass(frozen=True)
+class ConfigInfo:
+    """What the backend needs to know about a project's label config."""
+
+    kind: str                 # SCREENING | PATCH_REVIEW
+    image_name: str           # the Image control the regions belong to (to_name)
+    image_value: str          # the task data key holding its URL ("image" or "patch")
+    controls: dict[str, str]  # control name -> tag
+    labels: dict[str, list[str]]  # control name -> its Label/Choice values
+
+
+def parse_config(label_config: str) -> ConfigInfo:
+    """Check a label config and say which project kind it is; :class:`LabelConfigError` otherwise."""
+    if not isinstance(label_config, str) or not label_config.strip():
+        raise LabelConfigError("the request carries no label_config")
+    try:
+        root = ET.fromstring(label_config)
+    except ET.ParseError as error:
+        raise LabelConfigError(f"the label config is not valid XML ({error})") from None
+    images = {el.get("name"): (el.get("value") or "").lstrip("$") for el in root.iter("Image")}
+    controls: dict[str, str] = {}
+    targets: dict[str, str] = {}
+    labels: dict[str, list[str]] = {}
+    for el in root.iter():
+        name = el.get("name")
+        if name and el.get("toName") is not None:
+            controls[name] = el.tag
+            targets[name] = el.get("toName")
+            labels[name] = [c.get("value") for c in el if c.tag in ("Label", "Choice") and c.get("value")]
+    kind = PATCH_REVIEW if "patch" in images else SCREENING
+    missing = []
+    for name, (tag, to_name) in _REQUIRED[kind].items():
+        if controls.get(name) != tag or targets.get(name) != to_name:
+            missing.append(f"{tag} name=\"{name}\" toName=\"{to_name}\"")
+    if missing or (kind == SCREENING and "image" not in images):
+        shown = "; ".join(missing) or 'Image name="image"'
+        raise LabelConfigError(f"this label config is not a mammo-dissect {TITLES[kind]} config: it lacks "
+                               f"{shown} (re-provision the project with `mammo ls provision`)")
+    if ROI_LABEL not in labels.get("roi", []):
+        raise LabelConfigError(f'the "roi" brush of this label config has no "{ROI_LABEL}" label')
+    image_name = "patch" if kind == PATCH_REVIEW else "image"
+    return ConfigInfo(kind=kind, image_name=image_name, image_value=images[image_name], controls=controls,
+                      labels=labels)
+
+
+__all__ = ["SCREENING", "PATCH_REVIEW", "TITLES", "CONFIGS", "SCREENING_CONFIG", "PATCH_REVIEW_CONFIG",
+           "ConfigInfo", "LabelConfigError", "parse_config", "ROI_LABEL", "ALIGNED_LABEL",
+           "MOST_ACTIVATED_LABEL", "MOST_ALIGNED_LABEL", "SUSPICIOUS_LABEL", "POSITIVE_CHOICE",
+           "NEGATIVE_CHOICE"]

@@ -1,0 +1,196 @@
+"""Start and stop a Label Studio server whose data lives inside the workspace, or use an existing one.
+
+The server is a child process (``workspace.services.start_service``) bound to 127.0.0.1 on a free
+port, with SQLite under ``ws.labelstudio_dir``, its home/config/cache folders inside the workspace,
+analytics, Sentry and update checks off, a bootstrap admin user with a fixed API token (legacy tokens
+enabled, so scripts and the SDK can use it), and Local Files serving over ``document_root`` (images
+are then served under ``/data/local-files/?d=<path relative to document_root>``).
+
+A first start on a fresh database migrates for about 100 s; later starts take about 10 s.
+
+A team's existing Label Studio (e.g. on PostgreSQL) is used instead through :func:`external_server`
+(URL + token), remembered in the workspace by :func:`save_external`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from workspace.config import Workspace
+from workspace.errors import MammoError
+from workspace.services import Service, free_port, start_service
+
+CREDENTIALS_FILE = "credentials.json"
+EXTERNAL_FILE = "external.json"
+DEFAULT_USERNAME = "reader@mammo.local"
+START_TIMEOUT_S = 420.0
+
+
+class LabelStudioError(MammoError):
+    """Label Studio could not be started, reached, or did not accept a request."""
+
+
+@dataclass
+class LabelStudioServer:
+    """A Label Studio server we can talk to: its URL, API token and login (``service`` when we started it)."""
+
+    url: str
+    token: str
+    username: str = ""
+    password: str = ""
+    service: Service | None = None
+    document_root: Path | None = None
+
+    @property
+    def started_here(self) -> bool:
+        return self.service is not None
+
+    def stop(self) -> None:
+        if self.service is not None:
+            self.service.stop()
+
+    def client(self):
+        """A ``label_studio_sdk.LabelStudio`` client for this server."""
+        from label_studio_sdk import LabelStudio
+
+        return LabelStudio(base_url=self.url, api_key=self.token, timeout=120)
+
+
+def credentials(ws: Workspace) -> dict[str, str]:
+    """The workspace's Label Studio login and API token, made once and kept (mode 0600) in the workspace."""
+    path = ws.labelstudio_dir / CREDENTIALS_FILE
+    if path.exists():
+        return json.loads(path.read_text())
+    ws.labelstudio_dir.mkdir(parents=True, exist_ok=True)
+    data = {"username": DEFAULT_USERNAME, "password": secrets.token_urlsafe(12),
+            "token": secrets.token_hex(20)}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return data
+
+
+def server_env(ws: Workspace, *, port: int, data_dir: Path, document_root: Path,
+               creds: dict[str, str]) -> dict[str, str]:
+    """Every environment variable the server needs (see DESIGN.md, "Running the real services here")."""
+    host = f"http://127.0.0.1:{port}"
+    home = data_dir / "home"
+    return {
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+        "XDG_DATA_HOME": str(home / ".local" / "share"),
+        "XDG_CACHE_HOME": str(home / ".cache"),
+        "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir),
+        "LABEL_STUDIO_HOST": host,
+        "LATEST_VERSION_CHECK": "false",
+        "COLLECT_ANALYTICS": "false",
+        "SENTRY_DSN": "",
+        "FRONTEND_SENTRY_DSN": "",
+        "LABEL_STUDIO_USERNAME": creds["username"],
+        "LABEL_STUDIO_PASSWORD": creds["password"],
+        "LABEL_STUDIO_USER_TOKEN": creds["token"],
+        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+        "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
+        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(document_root),
+        # the backend runs on 127.0.0.1: let the server reach it
+        "ML_BLOCK_LOCAL_IP": "false",
+        "SSRF_PROTECTION_ENABLED": "false",
+        "CSRF_TRUSTED_ORIGINS": host,
+        "PYTHONUNBUFFERED": "1",
+        "DJANGO_DB": "sqlite",
+    }
+
+
+def _api_ok(url: str, token: str, timeout: float = 3.0) -> bool:
+    """True when the API answers an authenticated request (the server is migrated and the user exists)."""
+    request = urllib.request.Request(f"{url}/api/current-user/whoami",
+                                     headers={"Authorization": f"Token {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
+def launch(ws: Workspace, *, port: int | None = None, data_dir: Path | None = None,
+           document_root: Path | None = None, name: str = "labelstudio",
+           timeout: float = START_TIMEOUT_S, wait: bool = True) -> LabelStudioServer:
+    """Start a Label Studio server (data in ``data_dir``, default ``ws.labelstudio_dir``) and wait for its API.
+
+    ``document_root`` (default: the workspace root) is the folder Local Files storage may serve from.
+    ``wait=False`` returns as soon as the process runs; call :func:`wait_ready` later (the first start
+    migrates a new database for about 100 s, which can overlap other work).
+    """
+    port = port or free_port()
+    data_dir = Path(data_dir or ws.labelstudio_dir)
+    document_root = Path(document_root or ws.root).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    creds = credentials(ws)
+    url = f"http://127.0.0.1:{port}"
+    env = server_env(ws, port=port, data_dir=data_dir, document_root=document_root, creds=creds)
+    command = [str(Path(sys.executable).with_name("label-studio")), "start", "--no-browser",
+               "--internal-host", "127.0.0.1", "--port", str(port), "--host", url,
+               "--username", creds["username"], "--password", creds["password"],
+               "--user-token", creds["token"], "--enable-legacy-api-token"]
+    ready = (lambda: _api_ok(url, creds["token"])) if wait else (lambda: True)
+    try:
+        service = start_service(ws, name, command, port=port, env=env, ready=ready, timeout=timeout,
+                                url=url, cwd=data_dir)
+    except MammoError as error:
+        raise LabelStudioError(f"Label Studio did not start: {error}") from error
+    return LabelStudioServer(url=url, token=creds["token"], username=creds["username"],
+                             password=creds["password"], service=service, document_root=document_root)
+
+
+def wait_ready(server: LabelStudioServer, timeout: float = START_TIMEOUT_S) -> LabelStudioServer:
+    """Block until the server's API answers (or raise, with the log's tail)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _api_ok(server.url, server.token):
+            return server
+        if server.service is not None and not server.service.alive():
+            raise LabelStudioError(f"Label Studio exited while starting; see {server.service.log_path}:\n"
+                                   f"{server.service.log_tail()}")
+        time.sleep(0.5)
+    tail = server.service.log_tail() if server.service else ""
+    if server.service is not None:
+        server.service.stop()
+    raise LabelStudioError(f"Label Studio at {server.url} did not answer within {timeout:.0f} s\n{tail}")
+
+
+def external_server(url: str, token: str, *, document_root: Path | None = None) -> LabelStudioServer:
+    """An existing Label Studio (URL + API token), checked once; nothing is started or stopped."""
+    url = url.rstrip("/")
+    if not _api_ok(url, token, timeout=10.0):
+        raise LabelStudioError(f"Label Studio at {url} does not accept the token (or does not answer): "
+                               "check the URL and the API token (Account & Settings > Access Token)")
+    return LabelStudioServer(url=url, token=token, document_root=document_root)
+
+
+def save_external(ws: Workspace, url: str, token: str, document_root: str | None = None) -> Path:
+    """Remember an existing Label Studio for this workspace (``mammo up`` then uses it instead of starting one)."""
+    ws.labelstudio_dir.mkdir(parents=True, exist_ok=True)
+    path = ws.labelstudio_dir / EXTERNAL_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"url": url.rstrip("/"), "token": token, "document_root": document_root}))
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return path
+
+
+def saved_external(ws: Workspace) -> dict | None:
+    path = ws.labelstudio_dir / EXTERNAL_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+__all__ = ["LabelStudioServer", "LabelStudioError", "credentials", "server_env", "launch", "wait_ready",
+           "external_server", "save_external", "saved_external"]

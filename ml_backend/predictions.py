@@ -1,0 +1,186 @@
+"""Label Studio results from reads and ROI queries, and the reader's regions back to masks.
+
+Coordinates: every region is on the displayed image of its task, whose pixels are the normalised
+orientation of the mammogram at full resolution (``derived/display/<image_id>.png``) or, in Patch
+review, the patch crop. Rectangles are percentages of ``original_width`` / ``original_height``;
+brush regions are RLE masks of exactly that size (:mod:`ml_backend.rle`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from ml_backend import label_configs as lc
+from ml_backend.rle import RleError, decode_mask, encode_mask
+from workspace.errors import MammoError, QueryError
+
+
+class RequestError(MammoError):
+    """A request the backend cannot answer; ``status`` is the HTTP status, ``code`` a short machine name."""
+
+    def __init__(self, message: str, *, status: int = 400, code: str = "bad_request"):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+def region_id(*parts: object) -> str:
+    """A short stable region id (Label Studio ids are short strings)."""
+    return hashlib.sha1("/".join(map(str, parts)).encode()).hexdigest()[:10]
+
+
+def rectangle(box: Sequence[float], width: int, height: int, *, label: str, to_name: str,
+              from_name: str = "findings", score: float | None = None, rid: str | None = None,
+              text: str | None = None) -> dict:
+    """A RectangleLabels region for a box [x, y, w, h] in pixels of a width x height image (clipped to it)."""
+    x, y, w, h = (float(v) for v in box)
+    x0, y0 = max(0.0, x), max(0.0, y)
+    x1, y1 = min(float(width), x + w), min(float(height), y + h)
+    result = {
+        "id": rid or region_id(from_name, x, y, w, h),
+        "from_name": from_name, "to_name": to_name, "type": "rectanglelabels",
+        "original_width": int(width), "original_height": int(height), "image_rotation": 0,
+        "value": {"x": 100.0 * x0 / width, "y": 100.0 * y0 / height,
+                  "width": 100.0 * (x1 - x0) / width, "height": 100.0 * (y1 - y0) / height,
+                  "rotation": 0, "rectanglelabels": [label]},
+    }
+    if score is not None:
+        result["score"] = float(score)
+    if text:
+        result["meta"] = {"text": [text]}
+    return result
+
+
+def brush(mask: np.ndarray, *, label: str, to_name: str, from_name: str = "units", score: float | None = None,
+          rid: str | None = None, text: str | None = None) -> dict:
+    """A BrushLabels region for a bool mask of the displayed image's full size (height, width)."""
+    height, width = mask.shape
+    result = {
+        "id": rid or region_id(from_name, label, text),
+        "from_name": from_name, "to_name": to_name, "type": "brushlabels",
+        "original_width": int(width), "original_height": int(height), "image_rotation": 0,
+        "value": {"format": "rle", "rle": encode_mask(mask), "brushlabels": [label]},
+    }
+    if score is not None:
+        result["score"] = float(score)
+    if text:
+        result["meta"] = {"text": [text]}
+    return result
+
+
+def choice(value: str, *, to_name: str, from_name: str = "assessment", score: float | None = None) -> dict:
+    result = {"id": region_id(from_name, value), "from_name": from_name, "to_name": to_name, "type": "choices",
+              "value": {"choices": [value]}}
+    if score is not None:
+        result["score"] = float(score)
+    return result
+
+
+def text_area(text: str, *, to_name: str, from_name: str = "report") -> dict:
+    return {"id": region_id(from_name, text), "from_name": from_name, "to_name": to_name, "type": "textarea",
+            "value": {"text": [text]}}
+
+
+def assessment(score: float, operating_point: float, *, to_name: str) -> dict:
+    """The image- (or patch-) level choice: possibly malignant when the score reaches the operating point."""
+    value = lc.POSITIVE_CHOICE if score >= operating_point else lc.NEGATIVE_CHOICE
+    return choice(value, to_name=to_name, score=score)
+
+
+def unit_text(unit: int, *, iou: float | None = None, concept: str | None = None,
+              activation: float | None = None) -> str:
+    """The label shown with a unit's region: ``unit 17 · IoU 0.42 · spiculation``."""
+    parts = [f"unit {unit}"]
+    if iou is not None:
+        parts.append(f"IoU {iou:.2f}")
+    if activation is not None:
+        parts.append(f"max act. {activation:.2f}")
+    parts.append(concept or "unlabelled")
+    return " · ".join(parts)
+
+
+def unit_region_id(unit: int, *extra: object) -> str:
+    """Unit regions carry the unit in their id (``u17-...``), so the webhook knows which units a reader kept."""
+    return f"u{int(unit)}-{region_id('unit', unit, *extra)[:6]}"
+
+
+def unit_of_region(result: dict) -> int | None:
+    """The unit a region answered by the backend stands for, or None."""
+    rid = str(result.get("id", ""))
+    if rid.startswith("u") and "-" in rid:
+        head = rid[1:].split("-", 1)[0]
+        if head.isdigit():
+            return int(head)
+    return None
+
+
+# ----------------------------------------------------------------------------- the reader's regions
+def roi_regions(results: Sequence[dict] | None, info: lc.ConfigInfo) -> list[dict]:
+    """The ROI brush regions among ``results`` (the interactive context, or a submitted annotation)."""
+    found = []
+    for r in results or []:
+        if not isinstance(r, dict):
+            continue
+        if r.get("from_name") == "roi" or (r.get("type") == "brushlabels"
+                                           and lc.ROI_LABEL in (r.get("value") or {}).get("brushlabels", [])):
+            if r.get("from_name", "roi") == "roi":
+                found.append(r)
+    return found
+
+
+def roi_mask(results: Sequence[dict] | None, info: lc.ConfigInfo, width: int, height: int) -> np.ndarray:
+    """The union of the ROI brush regions as a bool mask (height, width) of the displayed image.
+
+    Raises :class:`RequestError` for a missing, malformed, mis-sized, outside-the-image or empty ROI.
+    """
+    regions = roi_regions(results, info)
+    if not regions:
+        raise RequestError("no ROI in the request: draw a brush region labelled "
+                           f"\"{lc.ROI_LABEL}\" on the image", code="no_roi")
+    mask = np.zeros((height, width), dtype=bool)
+    for r in regions:
+        value = r.get("value") or {}
+        ow, oh = r.get("original_width"), r.get("original_height")
+        if ow is not None and oh is not None and (int(ow), int(oh)) != (width, height):
+            raise RequestError(f"the ROI was drawn on a {ow} x {oh} image, but this task's image is "
+                               f"{width} x {height}", code="roi_outside_image")
+        if value.get("format", "rle") != "rle" or "rle" not in value:
+            raise RequestError("the ROI is not a brush region with an RLE mask", code="malformed_rle")
+        try:
+            mask |= decode_mask(value["rle"], width, height)
+        except RleError as error:
+            raise RequestError(f"malformed ROI: {error}", code="malformed_rle") from None
+    if not mask.any():
+        raise RequestError("the ROI is empty: paint at least a few pixels with the ROI brush", code="empty_roi")
+    return mask
+
+
+def check_inside(mask: np.ndarray, valid: np.ndarray | None, what: str = "the breast") -> None:
+    """An ROI that covers nothing the model read (e.g. only background) cannot be answered."""
+    if valid is not None and not (mask & valid).any():
+        raise RequestError(f"the ROI lies outside {what}: no patch the model read covers it",
+                           code="roi_outside_image")
+
+
+def as_request_error(error: Exception) -> RequestError:
+    """A core error (unknown image, bad query...) as a request error with the right status."""
+    if isinstance(error, RequestError):
+        return error
+    if isinstance(error, RleError):
+        return RequestError(str(error), code="malformed_rle")
+    if isinstance(error, QueryError):
+        return RequestError(str(error), code="bad_query")
+    name = type(error).__name__
+    if name == "CatalogError":
+        return RequestError(str(error), status=404, code="unknown_image")
+    if name == "LabelConfigError":
+        return RequestError(str(error), status=422, code="wrong_label_config")
+    return RequestError(str(error), status=422, code=name)
+
+
+__all__ = ["RequestError", "rectangle", "brush", "choice", "text_area", "assessment", "unit_text",
+           "unit_region_id", "unit_of_region", "roi_regions", "roi_mask", "check_inside", "as_request_error",
+           "region_id"]

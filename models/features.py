@@ -1,0 +1,78 @@
+"""Tapping a layer: the ONE way any part of the code reads a network's intermediate output.
+
+>>> with capture(model, "features.29") as tap:
+...     logits = model(x)
+... maps = tap.output            # (B, units, h, w), detached
+
+The hook stays on the module only inside the ``with`` block. Because VGG's ReLUs work in place,
+a captured convolution output would be overwritten by the next layer: the hook clones the tensor
+unless ``clone=False``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from workspace.errors import ModelError
+
+
+class Capture:
+    """The output of one layer at the latest forward pass (``output``), or every pass (``outputs``)."""
+
+    def __init__(self, layer: str, *, keep_all: bool = False, detach: bool = True, clone: bool = True):
+        self.layer = layer
+        self.keep_all = keep_all
+        self.detach = detach
+        self.clone = clone
+        self.output: torch.Tensor | None = None
+        self.outputs: list[torch.Tensor] = []
+
+    def _hook(self, _module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        if not isinstance(output, torch.Tensor):
+            raise ModelError(f"layer {self.layer!r} does not output a single tensor")
+        value = output.detach() if self.detach else output
+        if self.clone:
+            value = value.clone()
+        self.output = value
+        if self.keep_all:
+            self.outputs.append(value)
+
+    def clear(self) -> None:
+        self.output = None
+        self.outputs = []
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    """Every named submodule (``features.0``, ``features.1``, ..., ``classifier.6``)."""
+    return [name for name, _ in model.named_modules() if name]
+
+
+def get_layer(model: nn.Module, layer: str) -> nn.Module:
+    """The submodule called ``layer``, or a :class:`ModelError` suggesting close names."""
+    modules = dict(model.named_modules())
+    if layer and layer in modules:
+        return modules[layer]
+    close = difflib.get_close_matches(layer, [n for n in modules if n], n=5)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise ModelError(f"the model has no layer {layer!r}{hint}")
+
+
+@contextmanager
+def capture(model: nn.Module, layer: str, *, keep_all: bool = False, detach: bool = True,
+            clone: bool = True) -> Iterator[Capture]:
+    """Hold ``layer``'s output of each forward pass while the block runs."""
+    module = get_layer(model, layer)
+    tap = Capture(layer, keep_all=keep_all, detach=detach, clone=clone)
+    handle = module.register_forward_hook(tap._hook)
+    try:
+        yield tap
+    finally:
+        handle.remove()
+
+
+__all__ = ["Capture", "capture", "layer_names", "get_layer"]

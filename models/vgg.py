@@ -1,0 +1,124 @@
+"""VGG16 for 1-channel mammogram patches, and a slim twin that trains on a CPU.
+
+One configuration table (:data:`CONFIGS`) and one builder (:func:`build_vgg`), in the shape of
+torchvision's ``models/vgg.py``. Layer names are torchvision's: ``features.N`` for the convolution
+stack and ``classifier.N`` for the head, so a name such as ``features.29`` means the same position
+(the last ReLU of the fifth conv block, :data:`DISSECTED_LAYER`) in both architectures.
+
+- ``vgg16_1ch``: torchvision's VGG16 (configuration "D", no batch norm) with one input channel and
+  two classes, as in Lu & Perer. 512 units at the dissected layer (32 x 32 for a 512 x 512 patch).
+- ``vgg16_slim``: the same five blocks, thirteen convolutions and layer indices, with widths
+  (8, 16, 32, 64, 128), a global average pool instead of the 7 x 7 pool, and a 128-wide head.
+  128 units at the dissected layer: enough for the neuron map and concept groups, while the whole
+  network costs about 1.5 GMAC per 512 x 512 patch instead of ~80 (numbers in bench/RESULTS.md).
+
+The forward pass returns logits; softmax gives P(class) (class 1 = "possibly malignant").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from workspace.errors import ModelError
+
+DISSECTED_LAYER = "features.29"
+"""The layer both architectures dissect: the ReLU after the last convolution of block 5."""
+
+CLASS_NAMES = ["BI-RADS 1/2", "possibly malignant (BI-RADS 0)"]
+
+VGG16_BLOCKS: tuple[int, ...] = (2, 2, 3, 3, 3)
+"""Convolutions per block in VGG16 (torchvision configuration "D")."""
+
+
+@dataclass(frozen=True)
+class VggConfig:
+    """One architecture: block widths (convolutions per block as VGG16), and the head."""
+
+    widths: tuple[int, int, int, int, int]
+    pool: int  # side of the adaptive average pool before the classifier (7 in torchvision, 1 = global)
+    hidden: int  # width of the two hidden fully connected layers
+    dropout: float = 0.5
+
+    def layer_cfg(self) -> list[int | str]:
+        """torchvision-style list: conv widths and "M" for max pooling."""
+        cfg: list[int | str] = []
+        for width, n in zip(self.widths, VGG16_BLOCKS, strict=True):
+            cfg += [width] * n + ["M"]
+        return cfg
+
+
+CONFIGS: dict[str, VggConfig] = {
+    "vgg16_1ch": VggConfig(widths=(64, 128, 256, 512, 512), pool=7, hidden=4096),
+    "vgg16_slim": VggConfig(widths=(8, 16, 32, 64, 128), pool=1, hidden=128),
+}
+ARCHITECTURES = tuple(CONFIGS)
+
+
+class VGG(nn.Module):
+    """``features`` (conv/ReLU/max-pool), ``avgpool``, ``classifier`` (Linear-ReLU-Dropout x 2, Linear)."""
+
+    def __init__(self, features: nn.Sequential, out_channels: int, pool: int, hidden: int,
+                 num_classes: int, dropout: float) -> None:
+        super().__init__()
+        self.features = features
+        self.avgpool = nn.AdaptiveAvgPool2d((pool, pool))
+        self.classifier = nn.Sequential(
+            nn.Linear(out_channels * pool * pool, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(p=dropout),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(p=dropout),
+            nn.Linear(hidden, num_classes),
+        )
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # torchvision's VGG initialisation (there are no pretrained weights to start from here)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.classifier(x)
+
+
+def make_layers(cfg: list[int | str], in_channels: int = 1) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += [nn.Conv2d(channels, int(v), kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+            channels = int(v)
+    return nn.Sequential(*layers)
+
+
+def build_vgg(arch: str, *, num_classes: int = 2, in_channels: int = 1, dropout: float | None = None) -> VGG:
+    """A freshly initialised network of architecture ``arch`` (one of :data:`ARCHITECTURES`)."""
+    if arch not in CONFIGS:
+        raise ModelError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    config = CONFIGS[arch]
+    features = make_layers(config.layer_cfg(), in_channels)
+    return VGG(features, config.widths[-1], config.pool, config.hidden, num_classes,
+               config.dropout if dropout is None else dropout)
+
+
+def dissected_units(arch: str) -> int:
+    """How many units the dissected layer has in ``arch``."""
+    return CONFIGS[arch].widths[-1]
+
+
+__all__ = ["DISSECTED_LAYER", "CLASS_NAMES", "CONFIGS", "ARCHITECTURES", "VggConfig", "VGG", "build_vgg",
+           "make_layers", "dissected_units"]

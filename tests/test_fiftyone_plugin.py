@@ -1,0 +1,226 @@
+"""The FiftyOne datasets, operators and Neuron map panel on a real database (own mongod), driven
+through ``fiftyone.operators.execute_operator`` exactly as the App and Python users call them."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from fiftyone_plugins import PLUGIN_NAME, operator_uri
+from workspace.concepts import ConceptStore
+
+pytestmark = pytest.mark.fiftyone
+
+PANEL = operator_uri("neuron_map")
+
+
+def _execute(operator, dataset, **params):
+    import fiftyone.operators as foo
+
+    return foo.execute_operator(operator_uri(operator), dataset=dataset, params=params)
+
+
+def _panel(dataset, method, state=None, **event):
+    """Call a panel callback the way the App does; returns (result, rendered panel, state patches)."""
+    import fiftyone.operators as foo
+
+    params = {"__method__": method, "panel_id": "test-panel", "panel_state": dict(state or {}), **event}
+    result = foo.execute_operator(PANEL, dataset=dataset, params=params)
+    requests = result.executor.to_json()["requests"]
+    rendered = [r["params"]["output"] for r in requests if r["operator_uri"].endswith("show_panel_output")]
+    patches = {}
+    for r in requests:
+        if r["operator_uri"].endswith("patch_panel_state"):
+            patches.update(r["params"]["state"])
+    return result, (rendered[-1] if rendered else None), patches, requests
+
+
+def _find(schema, name):
+    """The property called ``name`` anywhere in a rendered panel schema."""
+    if isinstance(schema, dict):
+        props = schema.get("properties") or {}
+        if name in props:
+            return props[name]
+        for value in schema.values():
+            found = _find(value, name)
+            if found is not None:
+                return found
+    elif isinstance(schema, list):
+        for value in schema:
+            found = _find(value, name)
+            if found is not None:
+                return found
+    return None
+
+
+def test_mongod_fixture_is_ours_and_fast(fo_db):
+    import fiftyone as fo
+
+    assert fo_db.uri.startswith("mongodb://127.0.0.1:")
+    assert fo.config.database_uri == fo_db.uri
+    assert fo_db.service.alive()
+    t0 = time.monotonic()
+    fo.Dataset()  # a first write goes to our server, not to a managed one
+    assert time.monotonic() - t0 < 20
+    assert (fo_db.ws.fiftyone_dir / "db").is_dir()
+
+
+def test_sync_builds_both_datasets(fo_synced):
+    from fiftyone import ViewField as F
+
+    run, patches, neurons = fo_synced.run, fo_synced.patches, fo_synced.neurons
+    acts = np.asarray(run.max_activations)
+    assert len(patches) == acts.shape[1] and len(neurons) == acts.shape[0]
+    assert patches.info["mammo"]["run_id"] == run.run_id
+    sample = patches.match(F("patch_id") == 1000).first()
+    assert sample.ground_truth.label == "lesion" and sample.prediction.confidence == pytest.approx(0.9)
+    assert sample.max_activations == pytest.approx(acts[:, 0].tolist())
+    assert sample.activation.map.shape == (8, 8)
+    # every (unit, top-k patch) pair carries that unit's mask on that patch
+    n_masks = sum(len(s.unit_masks.detections) for s in patches.select_fields("unit_masks"))
+    assert n_masks == np.asarray(run.top_k).size
+    unit3 = neurons.match(F("unit") == 3).first()
+    assert unit3.top_patch_ids == [int(p) for p in np.asarray(run.top_k)[3]]
+    assert unit3.pca == pytest.approx(np.asarray(run.pca)[3].tolist(), abs=1e-5)
+    with open(unit3.filepath, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sync_twice_changes_nothing(fo_synced):
+    from fiftyone_plugins.sync import sync_with_summary
+
+    before = {s.id: s.last_modified_at for s in fo_synced.neurons}
+    before_p = {s.id: s.last_modified_at for s in fo_synced.patches}
+    _p, _n, summary = sync_with_summary(fo_synced.ws, fo_synced.run, prefix=fo_synced.prefix,
+                                        reader=fo_synced.reader)
+    assert (summary.patches_written, summary.neurons_written, summary.concepts_changed) == (0, 0, 0)
+    assert {s.id: s.last_modified_at for s in fo_synced.neurons} == before
+    assert {s.id: s.last_modified_at for s in fo_synced.patches} == before_p
+
+
+def test_plugin_is_discovered_with_its_operators(fo_db):
+    import fiftyone.operators as foo
+
+    uris = {op.uri for op in foo.list_operators()}
+    for name in ("label_units", "create_concept", "show_unit_patches", "refresh_from_store", "neuron_map"):
+        assert f"{PLUGIN_NAME}/{name}" in uris
+
+
+def test_label_units_operator_writes_the_store_and_the_dataset(fo_synced):
+    from fiftyone import ViewField as F
+
+    result = _execute("label_units", fo_synced.patches, units="1,2", concept="  Spiculated margin ")
+    assert result.result == {"changed": 2}
+    with ConceptStore(fo_synced.ws) as store:
+        labels = store.labels(fo_synced.run.model_digest, fo_synced.run.layer)
+        events = store.history(fo_synced.run.model_digest, fo_synced.run.layer, unit=1)
+    assert labels[1].name == "Spiculated margin" and labels[2].name == "Spiculated margin"
+    assert events[-1].source == "fiftyone"
+    labelled = fo_synced.neurons.match(F("unit").is_in([1, 2]))
+    assert labelled.values("concept.label") == ["Spiculated margin"] * 2
+    # the same label again: a no-op
+    assert _execute("label_units", fo_synced.patches, units=[1, 2], concept="spiculated MARGIN").result == \
+        {"changed": 0}
+
+
+def test_bad_operator_input_gives_one_clear_error(fo_synced):
+    import fiftyone.operators as foo
+
+    with pytest.raises(foo.executor.ExecutionError, match="out of range"):
+        _execute("show_unit_patches", fo_synced.patches, unit=999)
+    with pytest.raises(foo.executor.ExecutionError, match="cannot read unit 'ten'"):
+        _execute("label_units", fo_synced.patches, units="3,ten", concept="x")
+    with pytest.raises(foo.executor.ExecutionError, match="Required property"):
+        _execute("label_units", fo_synced.patches, units="", concept="x")
+
+
+def test_show_unit_patches_sets_the_view_best_first_with_masks(fo_synced):
+    result = _execute("show_unit_patches", fo_synced.patches, unit=5)
+    top = [int(p) for p in np.asarray(fo_synced.run.top_k)[5]]
+    assert result.result["patch_ids"] == top
+    requests = result.executor.to_json()["requests"]
+    set_view = [r for r in requests if r["operator_uri"].endswith("set_view")]
+    assert set_view, requests
+    stages = str(set_view[0]["params"]["view"])
+    assert "Select" in stages and "FilterLabels" in stages
+
+
+def test_create_concept_and_refresh_operators(fo_synced):
+    from fiftyone import ViewField as F
+
+    made = _execute("create_concept", fo_synced.patches, name="Architectural distortion", colour="#123456")
+    assert made.result["name"] == "Architectural distortion" and made.result["colour"] == "#123456"
+    # another process (the Label Studio backend) labels unit 7; refresh copies it over
+    with ConceptStore(fo_synced.ws) as store:
+        store.label_units(fo_synced.run.model_digest, fo_synced.run.layer, [7], "Architectural distortion",
+                          by="reader-1", source="labelstudio", n_units=16)
+    assert _execute("refresh_from_store", fo_synced.patches).result == {"changed": 1}
+    assert fo_synced.neurons.match(F("unit") == 7).first().concept.label == "Architectural distortion"
+    assert _execute("refresh_from_store", fo_synced.patches).result == {"changed": 0}
+
+
+def test_panel_renders_the_map_coloured_by_concept(fo_synced):
+    with ConceptStore(fo_synced.ws) as store:
+        store.label_units(fo_synced.run.model_digest, fo_synced.run.layer, [0], "Calcification cluster",
+                          by="t", source="api", n_units=16)
+        store.record_query(fo_synced.run.model_digest, fo_synced.run.layer, roi=np.ones((4, 4), bool),
+                           ranking=[(9, 0.5), (10, 0.3), (0, 0.1)], aligned=[9, 10], iou_threshold=0.2,
+                           asked_by="reader-1", source="labelstudio", image_id="I-standin")
+    _result, rendered, _patches, _requests = _panel(fo_synced.patches, "on_load")
+    plot = _find(rendered, "map")["view"]
+    traces = {t["name"]: t for t in plot["data"]}
+    assert traces["unlabelled"]["marker"]["color"] == "#b0b0b0"
+    assert "0" in traces["Calcification cluster"]["ids"]
+    all_ids = sorted(int(i) for t in plot["data"] for i in t["ids"])
+    assert all_ids == list(range(16))
+    unl = traces["unlabelled"]
+    sizes = dict(zip(unl["ids"], unl["marker"]["size"], strict=True))
+    assert sizes["9"] > sizes["11"] and sizes["10"] > sizes["11"]      # aligned units drawn larger
+    hover = unl["text"][unl["ids"].index("9")]
+    assert "unit 9" in hover and "IoU: 0.50" in hover
+    assert plot["height"] == "420px"
+
+
+def test_panel_click_shows_the_units_top_patches(fo_synced):
+    _result, _rendered, patches, requests = _panel(fo_synced.patches, "on_click_unit", id="4", idx=0)
+    assert patches.get("unit") == 4
+    assert any(r["operator_uri"].endswith("set_view") for r in requests)
+
+
+def test_panel_lasso_then_label_in_one_action(fo_synced):
+    from fiftyone import ViewField as F
+
+    selection = [{"id": "12", "idx": 0, "trace": "unlabelled"}, {"id": "13", "idx": 1, "trace": "unlabelled"}]
+    _r, rendered, patches, _q = _panel(fo_synced.patches, "on_select_units", data=selection)
+    assert patches["selected_units"] == [12, 13]
+    state = {"selected_units": [12, 13]}
+    # the empty selection event after the re-render does not wipe the selection
+    _r, rendered, patches, _q = _panel(fo_synced.patches, "on_select_units", state=state, data=[])
+    assert "selected_units" not in patches
+    label_btn = _find(rendered, "label_btn")
+    assert label_btn["view"]["label"] == "Label 2 unit(s)" and not label_btn["view"]["disabled"]
+    # a new concept typed in wins over the dropdown; inputs and selection are cleared after use
+    state.update(new_concept="Dense tissue", concept_choice="Calcification cluster")
+    _r, rendered, patches, _q = _panel(fo_synced.patches, "on_label", state=state)
+    assert patches["selected_units"] == [] and patches["new_concept"] is None
+    assert patches["concept_choice"] is None
+    with ConceptStore(fo_synced.ws) as store:
+        labels = store.labels(fo_synced.run.model_digest, fo_synced.run.layer)
+    assert labels[12].name == labels[13].name == "Dense tissue"
+    assert fo_synced.neurons.match(F("unit") == 12).first().concept.label == "Dense tissue"
+    # no input: a clear message, nothing written
+    _r, _rendered, patches, requests = _panel(fo_synced.patches, "on_label", state={"selected_units": [14]})
+    notes = [r for r in requests if r["operator_uri"].endswith("notify")]
+    assert notes and "choose a concept" in notes[0]["params"]["message"]
+    with ConceptStore(fo_synced.ws) as store:
+        assert 14 not in store.labels(fo_synced.run.model_digest, fo_synced.run.layer)
+
+
+def test_panel_on_a_foreign_dataset_says_what_to_do(fo_db):
+    import fiftyone as fo
+
+    other = fo.Dataset()
+    _r, rendered, _p, _q = _panel(other, "on_load")
+    assert "mammo fiftyone sync" in str(rendered)

@@ -1,0 +1,134 @@
+"""Brush RLE and label configs: our vectorised codec against label_studio_sdk's reference, config checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from label_studio_sdk.converter import brush as sdk_brush
+
+from ml_backend import label_configs as lc
+from ml_backend import predictions as pr
+from ml_backend.rle import RleError, decode_mask, encode_mask
+
+
+def _masks():
+    rng = np.random.default_rng(7)
+    noisy = rng.random((37, 53)) > 0.6
+    blob = np.zeros((300, 220), bool)
+    blob[40:180, 30:200] = True
+    long_runs = np.zeros((400, 700), bool)  # runs longer than 2**16 values (16-bit field, chunked)
+    long_runs[350:, :] = True
+    single = np.zeros((5, 5), bool)
+    single[2, 3] = True
+    return [noisy, blob, long_runs, single, np.ones((9, 4), bool), np.zeros((6, 6), bool)]
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_encoder_writes_exactly_the_sdk_bytes(index):
+    mask = _masks()[index]
+    ours = encode_mask(mask)
+    assert ours == sdk_brush.mask2rle(mask.astype(np.uint8) * 255)
+    decoded = sdk_brush.decode_rle(ours).reshape(*mask.shape, 4)
+    assert (decoded[:, :, 3] == mask * 255).all()
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_decoder_reads_the_sdk_encoding(index):
+    mask = _masks()[index]
+    rle = sdk_brush.mask2rle(mask.astype(np.uint8) * 255)
+    assert (decode_mask(rle, mask.shape[1], mask.shape[0]) == mask).all()
+
+
+def test_decoder_reads_literal_runs_and_partial_alpha():
+    # a hand-made stream with a literal token (first bit 0) of 8 values, as other encoders write
+    values = np.array([0, 0, 0, 200, 9, 9, 9, 255], dtype=np.uint8)  # 2 RGBA pixels; alphas 200, 255
+    header = f"{8:032b}{7:05b}" + "".join(f"{s - 1:04b}" for s in (3, 4, 8, 16))
+    body = "0" + "00" + f"{7:03b}" + "".join(f"{v:08b}" for v in values)
+    bits = header + body
+    bits += "0" * (-len(bits) % 8)
+    rle = [int(bits[i:i + 8], 2) for i in range(0, len(bits), 8)]
+    assert (sdk_brush.decode_rle(rle) == values).all()
+    assert decode_mask(rle, 2, 1).tolist() == [[True, True]]
+
+
+def test_malformed_rle_is_a_clear_error():
+    good = encode_mask(np.ones((4, 4), bool))
+    with pytest.raises(RleError, match="truncated"):
+        decode_mask(good[:8], 4, 4)
+    with pytest.raises(RleError, match="4 x 5"):
+        decode_mask(good, 4, 5)
+    with pytest.raises(RleError, match="0..255"):
+        decode_mask([300, 1, 2, 3, 4, 5, 6, 7], 4, 4)
+    with pytest.raises(RleError, match="header"):
+        decode_mask([1, 2], 4, 4)
+    with pytest.raises(RleError, match="byte values"):
+        decode_mask(["a", "b"], 4, 4)
+
+
+def test_full_size_mammogram_mask_is_fast():
+    import time
+
+    mask = np.zeros((4096, 3328), bool)
+    mask[1000:1500, 200:900] = True
+    start = time.perf_counter()
+    rle = encode_mask(mask)
+    back = decode_mask(rle, 3328, 4096)
+    assert (back == mask).all()
+    assert time.perf_counter() - start < 1.0
+
+
+def test_both_label_configs_parse_and_name_their_image():
+    screening = lc.parse_config(lc.SCREENING_CONFIG)
+    assert (screening.kind, screening.image_name, screening.image_value) == (lc.SCREENING, "image", "image")
+    assert screening.labels["roi"] == [lc.ROI_LABEL]
+    review = lc.parse_config(lc.PATCH_REVIEW_CONFIG)
+    assert (review.kind, review.image_name, review.image_value) == (lc.PATCH_REVIEW, "patch", "patch")
+
+
+@pytest.mark.parametrize("config, match", [
+    ("", "no label_config"),
+    ("<View><Image", "not valid XML"),
+    ('<View><Image name="image" value="$image"/><Choices name="c" toName="image"><Choice value="a"/>'
+     '</Choices></View>', 'BrushLabels name="roi"'),
+    (lc.SCREENING_CONFIG.replace('<Label value="ROI"', '<Label value="region"'), 'no "ROI" label'),
+])
+def test_wrong_label_configs_are_refused_with_the_reason(config, match):
+    with pytest.raises(lc.LabelConfigError, match=match):
+        lc.parse_config(config)
+
+
+def test_rectangles_are_percentages_of_the_displayed_image():
+    r = pr.rectangle([100, 50, 200, 400], 1000, 800, label=lc.SUSPICIOUS_LABEL, to_name="image", score=0.9)
+    assert r["value"]["x"] == pytest.approx(10.0) and r["value"]["y"] == pytest.approx(6.25)
+    assert r["value"]["width"] == pytest.approx(20.0) and r["value"]["height"] == pytest.approx(50.0)
+    assert (r["original_width"], r["original_height"], r["score"]) == (1000, 800, 0.9)
+    clipped = pr.rectangle([900, 700, 200, 200], 1000, 800, label="x", to_name="image")
+    assert clipped["value"]["width"] == pytest.approx(10.0) and clipped["value"]["height"] == pytest.approx(12.5)
+
+
+def test_roi_mask_validation():
+    info = lc.parse_config(lc.SCREENING_CONFIG)
+    mask = np.zeros((40, 30), bool)
+    mask[5:10, 5:12] = True
+    roi = pr.brush(mask, label=lc.ROI_LABEL, to_name="image", from_name="roi")
+    assert (pr.roi_mask([roi], info, 30, 40) == mask).all()
+    with pytest.raises(pr.RequestError, match="no ROI") as e:
+        pr.roi_mask([], info, 30, 40)
+    assert e.value.code == "no_roi"
+    empty = pr.brush(np.zeros((40, 30), bool), label=lc.ROI_LABEL, to_name="image", from_name="roi")
+    with pytest.raises(pr.RequestError, match="empty") as e:
+        pr.roi_mask([empty], info, 30, 40)
+    assert e.value.code == "empty_roi"
+    with pytest.raises(pr.RequestError, match="30 x 40 image") as e:
+        pr.roi_mask([roi], info, 60, 80)
+    assert e.value.code == "roi_outside_image"
+    broken = dict(roi, value=dict(roi["value"], rle=roi["value"]["rle"][:9]))
+    with pytest.raises(pr.RequestError, match="malformed") as e:
+        pr.roi_mask([broken], info, 30, 40)
+    assert e.value.code == "malformed_rle"
+
+
+def test_unit_region_ids_round_trip():
+    rid = pr.unit_region_id(417, 12)
+    assert pr.unit_of_region({"id": rid}) == 417
+    assert pr.unit_of_region({"id": "abc123"}) is None

@@ -1,0 +1,55 @@
+"""``mammo evaluate``: test ROC AUC (bootstrap CI), sensitivity/specificity and a ROC picture for a model.
+
+By default the operating point stored in the checkpoint is used (so the numbers match the ones it
+records); ``--operating-point RULE`` chooses a new one on the validation split.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+ORDER = 41
+
+
+def _run(args: argparse.Namespace) -> int:
+    from models.checkpoint import load_checkpoint, resolve_model_path
+    from models.data import PatchData
+    from models.evaluate import evaluate_model, plot_roc, summary_lines, write_report
+    from workspace.config import Workspace
+
+    ws = Workspace.open(args.workspace)
+    loaded = load_checkpoint(resolve_model_path(ws, args.model), args.device, arch=args.arch, layer=args.layer,
+                             trust=args.trust)
+    data = PatchData.from_patch_set(ws, args.patch_set)
+    stored = None if args.operating_point else loaded.meta.get("operating_point")
+    metrics, outputs = evaluate_model(loaded, data, operating_point=stored,
+                                      rule=args.operating_point or "youden", n_resamples=args.bootstrap,
+                                      seed=args.seed)
+    out = ws.reports_dir / f"evaluate-{loaded.digest}-{args.patch_set}"
+    png = plot_roc(out / "roc.png", outputs["labels"], outputs["scores"], metrics,
+                   title=f"{loaded.architecture} {loaded.digest} on {args.patch_set}")
+    report = write_report(out / "metrics.json", metrics,
+                          {"model": str(loaded.path), "model_digest": loaded.digest, "patch_set": args.patch_set,
+                           "patch_set_digest": data.digest, "recorded_metrics": loaded.meta.get("metrics")})
+    if data.digest and loaded.meta.get("data_digest") and data.digest != loaded.meta["data_digest"]:
+        print(f"note: patch set {args.patch_set!r} is not the one this model was trained on")
+    for line in summary_lines(metrics):
+        print(line)
+    print(f"ROC curve: {png}\nmetrics: {report}")
+    return 0
+
+
+def add_parser(subparsers, parents) -> None:
+    p = subparsers.add_parser("evaluate", parents=parents, help="test metrics and ROC curve of a model",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="checkpoint file, or a model name in the workspace (default: shipped demo)")
+    p.add_argument("--patch-set", default="default")
+    p.add_argument("--operating-point", metavar="RULE",
+                   help="choose anew on validation: youden, sensitivity:S or fixed:T")
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device")
+    p.add_argument("--arch", help="for a plain state_dict: vgg16_slim, vgg16_1ch or torchvision:NAME")
+    p.add_argument("--layer", help="layer to dissect (foreign checkpoints)")
+    p.add_argument("--trust", action="store_true", help="allow a pickled whole model (runs code from the file)")
+    p.set_defaults(func=_run)

@@ -1,0 +1,481 @@
+"""The paper's patch data set: lesion patches inside annotated regions, normal patches from tissue.
+
+Recipe (Lu & Perer, following the data they used):
+
+- **Lesion patches** (label 1) come from the lesions of label-1 images (BI-RADS 0). Candidate
+  ``size x size`` patches lie on a grid of step ``step`` anchored on the lesion's centre; a candidate
+  is kept when it is "inside" the lesion region by the rule ``inside``:
+
+  - ``"centre"`` (default): the patch centre lies in the region;
+  - ``"all"``: the whole patch lies in the region;
+  - ``"fraction:F"``: at least a fraction ``F`` of the patch area lies in the region.
+
+  A region too small for any candidate still gets one patch centred on it. Where an image has
+  lesions from an annotated copy (``source="annotated_copy"``: the white ellipses, the paper's path)
+  only those are used; otherwise every lesion that is not benign (masks, boxes, polygons, circles,
+  ellipses from importers).
+- **Normal patches** (label 0) come from label-0 images (BI-RADS 1/2): grid positions (step ``step``)
+  whose patch lies wholly inside the breast foreground and touches no lesion that is not benign.
+  Benign findings (e.g. benign calcifications) may lie inside normal patches on purpose: they are
+  part of the normal class, so "any blob" is not a cue. ``ceil(P / N)`` are drawn per image
+  (``P`` lesion patches, ``N`` normal images), then ``P`` are drawn uniformly from that pool.
+- Each patch takes its image's split (patient-level, from the catalog).
+
+Coordinates of patches are NORMALISED (chest wall left); lesion geometry is mapped with
+:func:`workspace.dicom_io.to_normalised`. Pixels live in one uint16 memmap
+``patches/<name>/pixels.u16`` of shape (N, size, size) holding ``round(model_pixels * 65535)``; row
+``i`` is the patch whose ``array_index`` is ``i``. Thumbnails (8-bit windowed, ``size`` pixels) are
+``patches/<name>/thumbs/<patch_id>.png``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from workspace.config import Workspace
+from workspace.errors import CatalogError, MammoError
+from workspace.progress import progress
+from workspace.schema import utc_now
+
+BENIGN = ("benign", "benign_without_callback")
+
+
+class PatchError(MammoError):
+    """A patch-set request that cannot be met (bad rule, nothing to extract, unknown set)."""
+
+
+# -- the "inside" rule ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class InsideRule:
+    mode: str              # centre | all | fraction
+    fraction: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> InsideRule:
+        text = (text or "centre").strip().lower()
+        if text in ("centre", "center"):
+            return cls("centre")
+        if text == "all":
+            return cls("all")
+        if text.startswith("fraction:"):
+            try:
+                f = float(text.split(":", 1)[1])
+            except ValueError:
+                f = -1.0
+            if 0.0 < f <= 1.0:
+                return cls("fraction", f)
+        raise PatchError(f"unknown inside rule {text!r}: use centre, all or fraction:F with 0 < F <= 1")
+
+    def __str__(self) -> str:
+        return f"fraction:{self.fraction:g}" if self.mode == "fraction" else self.mode
+
+
+# -- lesion regions in normalised coordinates ------------------------------------------------------
+
+@dataclass
+class Region:
+    """A lesion rasterised in NORMALISED full-resolution pixels: a bool crop with its top-left."""
+
+    lesion_id: int
+    x0: int
+    y0: int
+    mask: np.ndarray
+    centre: tuple[float, float]     # continuous coordinates
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        h, w = self.mask.shape
+        return self.x0, self.y0, self.x0 + w, self.y0 + h
+
+    def area_in(self, x: int, y: int, size: int) -> int:
+        """Pixels of the region inside the patch with top-left (x, y)."""
+        x0, y0, x1, y1 = self.box
+        ix0, iy0, ix1, iy1 = max(x, x0), max(y, y0), min(x + size, x1), min(y + size, y1)
+        if ix0 >= ix1 or iy0 >= iy1:
+            return 0
+        return int(self.mask[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0].sum())
+
+    def contains(self, px: float, py: float) -> bool:
+        c, r = int(math.floor(px)) - self.x0, int(math.floor(py)) - self.y0
+        return 0 <= r < self.mask.shape[0] and 0 <= c < self.mask.shape[1] and bool(self.mask[r, c])
+
+
+def _grid(x0: float, x1: float, y0: float, y1: float):
+    ys, xs = np.mgrid[int(math.floor(y0)):int(math.ceil(y1)), int(math.floor(x0)):int(math.ceil(x1))]
+    return int(math.floor(x0)), int(math.floor(y0)), xs + 0.5, ys + 0.5
+
+
+def lesion_region(ws: Workspace, image_row: dict, lesion: dict) -> Region:
+    """Rasterise one catalog lesion (geometry in ORIGINAL coordinates) in normalised coordinates."""
+    from PIL import Image
+
+    from workspace.dicom_io import flip_array, to_normalised
+    from workspace.ingest import resolve_path
+
+    rows, cols = int(image_row["rows"]), int(image_row["cols"])
+    gtype = lesion["geometry_type"]
+    geometry = lesion["geometry"]
+    if isinstance(geometry, str):
+        geometry = json.loads(geometry)
+    if gtype == "mask":
+        if not lesion.get("mask_path"):
+            raise CatalogError(f"lesion {lesion['lesion_id']}: mask geometry without mask_path")
+        full = np.asarray(Image.open(resolve_path(ws, lesion["mask_path"]))) > 0
+        if full.ndim == 3:
+            full = full.any(axis=2)
+        if full.shape != (rows, cols):  # a mask at another resolution: nearest neighbour to full size
+            from workspace.dicom_io import upsample_mask
+
+            full = upsample_mask(full, rows, cols)
+        full = flip_array(full, bool(image_row["flip_horizontal"]), bool(image_row["flip_vertical"]))
+        ys, xs = np.nonzero(full)
+        if len(xs) == 0:
+            raise CatalogError(f"lesion {lesion['lesion_id']}: empty mask {lesion['mask_path']}")
+        x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+        crop = full[y0:y1, x0:x1].copy()
+        return Region(lesion["lesion_id"], int(x0), int(y0), crop, (float(xs.mean() + 0.5), float(ys.mean() + 0.5)))
+    g = to_normalised(gtype, geometry, image_row)
+    if gtype == "ellipse":
+        cx, cy, rx, ry = g["cx"], g["cy"], g["rx"], g["ry"]
+        a = math.radians(float(g.get("angle", 0.0)))
+        ext = max(rx, ry)
+        x0, y0, xs, ys = _grid(cx - ext, cx + ext + 1, cy - ext, cy + ext + 1)
+        u = (xs - cx) * math.cos(a) + (ys - cy) * math.sin(a)
+        v = -(xs - cx) * math.sin(a) + (ys - cy) * math.cos(a)
+        mask = (u / rx) ** 2 + (v / ry) ** 2 <= 1.0
+        centre = (cx, cy)
+    elif gtype == "circle":
+        cx, cy, r = g["cx"], g["cy"], g["r"]
+        x0, y0, xs, ys = _grid(cx - r, cx + r + 1, cy - r, cy + r + 1)
+        mask = (xs - cx) ** 2 + (ys - cy) ** 2 <= r * r
+        centre = (cx, cy)
+    elif gtype == "box":
+        bx, by, bw, bh = g
+        x0, y0, xs, ys = _grid(bx, bx + bw, by, by + bh)
+        mask = (xs >= bx) & (xs <= bx + bw) & (ys >= by) & (ys <= by + bh)
+        centre = (bx + bw / 2, by + bh / 2)
+    elif gtype == "polygon":
+        from skimage.draw import polygon as fill_polygon
+
+        pts = np.asarray(g, dtype=float)
+        x0, y0 = int(math.floor(pts[:, 0].min())), int(math.floor(pts[:, 1].min()))
+        w = int(math.ceil(pts[:, 0].max())) - x0 + 1
+        h = int(math.ceil(pts[:, 1].max())) - y0 + 1
+        mask = np.zeros((h, w), bool)
+        rr, cc = fill_polygon(pts[:, 1] - y0 - 0.5, pts[:, 0] - x0 - 0.5, (h, w))
+        mask[rr, cc] = True
+        centre = (float(pts[:, 0].mean()), float(pts[:, 1].mean()))
+    elif gtype == "point":
+        px, py = g
+        x0, y0 = int(math.floor(px)), int(math.floor(py))
+        mask = np.ones((1, 1), bool)
+        centre = (float(px), float(py))
+    else:
+        raise CatalogError(f"lesion {lesion['lesion_id']}: unknown geometry type {gtype!r}")
+    # clip the crop to the image
+    h, w = mask.shape
+    cx0, cy0 = max(0, -x0), max(0, -y0)
+    cx1, cy1 = min(w, cols - x0), min(h, rows - y0)
+    if cx0 >= cx1 or cy0 >= cy1 or not mask[cy0:cy1, cx0:cx1].any():
+        raise CatalogError(f"lesion {lesion['lesion_id']}: region lies outside the image")
+    return Region(lesion["lesion_id"], x0 + cx0, y0 + cy0, np.ascontiguousarray(mask[cy0:cy1, cx0:cx1]),
+                  (float(centre[0]), float(centre[1])))
+
+
+def lesion_patch_positions(region: Region, rows: int, cols: int, size: int, step: int,
+                           rule: InsideRule) -> list[tuple[int, int]]:
+    """Top-left corners (x, y) of the lesion's patches: grid of ``step`` anchored on its centre."""
+    cx, cy = region.centre
+    bx0, by0, bx1, by1 = region.box
+    ax, ay = int(round(cx - size / 2)), int(round(cy - size / 2))
+    # grid offsets so that the patch centres cover the region's box
+    nx0 = int(math.floor((bx0 - size / 2 - ax) / step)) - 1
+    nx1 = int(math.ceil((bx1 - size / 2 - ax) / step)) + 1
+    ny0 = int(math.floor((by0 - size / 2 - ay) / step)) - 1
+    ny1 = int(math.ceil((by1 - size / 2 - ay) / step)) + 1
+    chosen: list[tuple[int, int]] = []
+    for j in range(ny0, ny1 + 1):
+        for i in range(nx0, nx1 + 1):
+            x, y = ax + i * step, ay + j * step
+            if rule.mode == "centre":
+                ok = region.contains(x + size / 2, y + size / 2)
+            else:
+                inside = region.area_in(x, y, size)
+                ok = inside == size * size if rule.mode == "all" else inside >= rule.fraction * size * size
+            if ok:
+                chosen.append((x, y))
+    if not chosen:
+        chosen = [(ax, ay)]
+    out = []
+    for x, y in chosen:  # keep patches on the image
+        p = (min(max(x, 0), cols - size), min(max(y, 0), rows - size))
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def normal_patch_positions(foreground: np.ndarray, size: int, step: int,
+                           avoid: list[Region]) -> list[tuple[int, int]]:
+    """Grid positions whose patch lies wholly in the foreground and touches none of ``avoid``."""
+    rows, cols = foreground.shape
+    if rows < size or cols < size:
+        return []
+    integral = np.zeros((rows + 1, cols + 1), np.int64)
+    integral[1:, 1:] = np.cumsum(np.cumsum(foreground, axis=0, dtype=np.int64), axis=1)
+    ys = np.arange(0, rows - size + 1, step)
+    xs = np.arange(0, cols - size + 1, step)
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    total = integral[yy + size, xx + size] - integral[yy, xx + size] - integral[yy + size, xx] + integral[yy, xx]
+    out = []
+    for y, x in zip(yy[total == size * size], xx[total == size * size], strict=True):
+        if all(r.area_in(int(x), int(y), size) == 0 for r in avoid):
+            out.append((int(x), int(y)))
+    return out
+
+
+# -- building a set ------------------------------------------------------------------------------
+
+def _lesions(db, image_id: str) -> list[dict]:
+    from workspace.catalog import lesions_of
+
+    return lesions_of(db, image_id)
+
+
+def _lesions_for_patches(lesions: list[dict]) -> list[dict]:
+    annotated = [le for le in lesions if le["source"] == "annotated_copy"]
+    if annotated:
+        return annotated
+    return [le for le in lesions if le["pathology"] not in BENIGN]
+
+
+def _window_u8(display: np.ndarray) -> np.ndarray:
+    return display if display.dtype == np.uint8 else np.clip(display, 0, 255).astype(np.uint8)
+
+
+def build_patch_set(ws: Workspace, name: str = "default", *, size: int = 512, step: int = 256,
+                    inside: str = "centre", seed: int = 0, dataset: str | None = None) -> dict[str, Any]:
+    """Build (or rebuild) patch set ``name`` from the catalog; returns a summary dict.
+
+    ``dataset`` limits the images used (default: all). Raises :class:`PatchError` when there are no
+    lesion patches or no normal images to draw from. Per-image problems (an unreadable file, a lesion
+    outside its image) are collected in the summary's ``problems`` and the build goes on.
+    """
+    from PIL import Image
+
+    from workspace.catalog import open_catalog
+    from workspace.ingest import load_foreground, load_model_pixels, resolve_path
+
+    if not name or any(c in name for c in "/\\") or name.startswith("."):
+        raise PatchError(f"bad patch set name {name!r}")
+    if size < 8 or step < 1:
+        raise PatchError(f"patch size must be >= 8 and step >= 1, got size {size}, step {step}")
+    rule = InsideRule.parse(inside)
+    db = open_catalog(ws)
+    where, args = ("WHERE dataset = ?", [dataset]) if dataset else ("", [])
+    images = {r["image_id"]: r for r in db.query(f"SELECT * FROM images {where} ORDER BY image_id", args)}
+    problems: list[str] = []
+    rng = np.random.default_rng(seed)
+
+    # lesion patches
+    lesion_patches: list[dict] = []
+    positives = [r for r in images.values() if r["label"] == 1]
+    for row in progress(positives, desc="lesion patches", unit="image"):
+        if row["rows"] < size or row["cols"] < size:
+            problems.append(f"{row['image_id']}: {row['rows']} x {row['cols']} is smaller than one patch")
+            continue
+        for lesion in _lesions_for_patches(_lesions(db, row["image_id"])):
+            try:
+                region = lesion_region(ws, row, lesion)
+            except (MammoError, OSError) as error:
+                problems.append(f"{row['image_id']} lesion {lesion['lesion_id']}: {error}")
+                continue
+            for x, y in lesion_patch_positions(region, row["rows"], row["cols"], size, step, rule):
+                lesion_patches.append({"image_id": row["image_id"], "x": x, "y": y, "label": 1,
+                                       "lesion_id": lesion["lesion_id"]})
+    if not lesion_patches:
+        raise PatchError("no lesion patches: the catalog has no label-1 image with a usable lesion "
+                         "(run `mammo synth` or import annotated data first)")
+
+    # normal patches
+    negatives = [r for r in images.values() if r["label"] == 0]
+    if not negatives:
+        raise PatchError("no normal images (label 0, BI-RADS 1/2) to draw normal patches from")
+    per_image = math.ceil(len(lesion_patches) / len(negatives))
+    pool: list[dict] = []
+    for row in progress(negatives, desc="normal patches", unit="image"):
+        try:
+            foreground = load_foreground(ws, row)
+            avoid = [lesion_region(ws, row, le) for le in _lesions(db, row["image_id"])
+                     if le["pathology"] not in BENIGN]
+        except (MammoError, OSError) as error:
+            problems.append(f"{row['image_id']}: {error}")
+            continue
+        positions = normal_patch_positions(foreground, size, step, avoid)
+        if not positions:
+            continue
+        take = rng.choice(len(positions), size=min(per_image, len(positions)), replace=False)
+        pool.extend({"image_id": row["image_id"], "x": positions[i][0], "y": positions[i][1], "label": 0,
+                     "lesion_id": None} for i in sorted(take))
+    if len(pool) > len(lesion_patches):
+        keep = np.sort(rng.choice(len(pool), size=len(lesion_patches), replace=False))
+        pool = [pool[i] for i in keep]
+    if len(pool) < len(lesion_patches):
+        problems.append(f"only {len(pool)} normal patches for {len(lesion_patches)} lesion patches "
+                        "(too few all-tissue positions)")
+
+    patches = sorted(lesion_patches + pool, key=lambda p: (p["image_id"], p["label"], p["y"], p["x"]))
+    for i, p in enumerate(patches):
+        p["array_index"] = i
+        p["split"] = images[p["image_id"]]["split"]
+        p["size"] = size
+
+    # pixels and thumbnails
+    folder = ws.patches_dir / name
+    tmp = ws.patches_dir / f".{name}.building"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "thumbs").mkdir(parents=True)
+    arr = np.memmap(tmp / "pixels.u16", dtype=np.uint16, mode="w+", shape=(max(len(patches), 1), size, size))
+    by_image: dict[str, list[dict]] = {}
+    for p in patches:
+        by_image.setdefault(p["image_id"], []).append(p)
+    digest = hashlib.sha1(f"{name}|{size}|{step}|{rule}|{seed}".encode())
+    failed: set[str] = set()
+    for image_id, group in progress(list(by_image.items()), desc="patch pixels", unit="image"):
+        row = images[image_id]
+        try:
+            model = load_model_pixels(ws, row)
+            display = np.asarray(Image.open(resolve_path(ws, row["display_path"])))
+        except (MammoError, OSError) as error:
+            problems.append(f"{image_id}: {error}")
+            failed.add(image_id)
+            continue
+        for p in group:
+            x, y = p["x"], p["y"]
+            arr[p["array_index"]] = np.rint(np.clip(model[y:y + size, x:x + size], 0, 1) * 65535).astype(np.uint16)
+            p["thumb"] = _window_u8(display[y:y + size, x:x + size])
+    arr.flush()
+    if failed:
+        patches = [p for p in patches if p["image_id"] not in failed]
+        # compact the array so that array_index stays the row number
+        keep = [p["array_index"] for p in patches]
+        compact = np.memmap(tmp / "pixels.tmp", dtype=np.uint16, mode="w+", shape=(max(len(keep), 1), size, size))
+        for new, old in enumerate(keep):
+            compact[new] = arr[old]
+            patches[new]["array_index"] = new
+        compact.flush()
+        del arr, compact
+        os.replace(tmp / "pixels.tmp", tmp / "pixels.u16")
+        arr = np.memmap(tmp / "pixels.u16", dtype=np.uint16, mode="r", shape=(max(len(patches), 1), size, size))
+    for p in patches:
+        digest.update(f"{p['image_id']},{p['x']},{p['y']},{p['label']},{p['split']},{p['lesion_id']};".encode())
+        digest.update(np.ascontiguousarray(arr[p["array_index"]]).tobytes())
+    del arr
+
+    # catalog rows (patch ids known only after insert: thumbs are named by patch_id)
+    now = utc_now()
+    params = {"size": size, "step": step, "inside": str(rule), "seed": seed, "dataset": dataset,
+              "normal_per_image": per_image, "lesion_sources": "annotated_copy when present, else non-benign"}
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("DELETE FROM patches WHERE patch_set = ?", [name])
+        for p in patches:
+            cur = db.execute(
+                "INSERT INTO patches (patch_set, image_id, x, y, size, label, split, lesion_id, array_index,"
+                " thumb_path, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [name, p["image_id"], p["x"], p["y"], size, p["label"], p["split"], p["lesion_id"],
+                 p["array_index"], None, now])
+            p["patch_id"] = cur.lastrowid
+            thumb = f"patches/{name}/thumbs/{p['patch_id']}.png"
+            db.execute("UPDATE patches SET thumb_path = ? WHERE patch_id = ?", [thumb, p["patch_id"]])
+        db.execute("DELETE FROM patch_sets WHERE patch_set = ?", [name])
+        db.execute("INSERT INTO patch_sets (patch_set, size, step, n_patches, pixels_path, digest, params,"
+                   " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                   [name, size, step, len(patches), f"patches/{name}/pixels.u16", digest.hexdigest()[:16],
+                    json.dumps(params), now])
+        for p in patches:
+            Image.fromarray(p.pop("thumb")).save(tmp / "thumbs" / f"{p['patch_id']}.png", compress_level=1)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    counts: dict[str, dict[str, int]] = {}
+    for p in patches:
+        c = counts.setdefault(p["split"], {"lesion": 0, "normal": 0})
+        c["lesion" if p["label"] else "normal"] += 1
+    return {"patch_set": name, "n_patches": len(patches),
+            "lesion_patches": sum(p["label"] for p in patches),
+            "normal_patches": sum(1 - p["label"] for p in patches), "per_split": counts,
+            "digest": digest.hexdigest()[:16], "params": params, "problems": problems,
+            "pixels_path": str(folder / "pixels.u16")}
+
+
+# -- reading a set ---------------------------------------------------------------------------------
+
+@dataclass
+class PatchSet:
+    """A built patch set: catalog rows (ordered by ``array_index``) and the pixel memmap."""
+
+    name: str
+    size: int
+    step: int
+    digest: str
+    params: dict
+    rows: list[dict]
+    pixels: np.memmap          # uint16 (N, size, size), read-only
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([r["label"] for r in self.rows], dtype=np.int64)
+
+    def indices(self, split: str | None = None, label: int | None = None) -> np.ndarray:
+        """Array indices of the patches in ``split`` (and with ``label``), ascending."""
+        return np.array([r["array_index"] for r in self.rows
+                         if (split is None or r["split"] == split) and (label is None or r["label"] == label)],
+                        dtype=np.int64)
+
+    def batch(self, indices) -> Any:
+        """float32 tensor (B, 1, size, size) in [0, 1] for the given array indices."""
+        import torch
+
+        idx = np.asarray(indices, dtype=np.int64).ravel()
+        order = np.argsort(idx)  # memmap reads in file order, then back to the asked order
+        data = np.empty((len(idx), self.size, self.size), np.float32)
+        data[order] = self.pixels[idx[order]]
+        data *= np.float32(1 / 65535)
+        return torch.from_numpy(data).unsqueeze(1)
+
+
+def open_patch_set(ws: Workspace, name: str = "default") -> PatchSet:
+    """The patch set ``name``; :class:`PatchError` when it has not been built."""
+    from workspace.catalog import open_catalog
+
+    db = open_catalog(ws)
+    meta = db.execute("SELECT size, step, n_patches, pixels_path, digest, params FROM patch_sets WHERE patch_set = ?",
+                      [name]).fetchone()
+    if meta is None:
+        known = [r[0] for r in db.execute("SELECT patch_set FROM patch_sets ORDER BY patch_set").fetchall()]
+        raise PatchError(f"no patch set {name!r} (built: {', '.join(known) or 'none'}; run `mammo patches`)")
+    size, step, n, pixels_path, digest, params = meta
+    rows = [dict(r) for r in db.query("SELECT * FROM patches WHERE patch_set = ? ORDER BY array_index", [name])]
+    path = Path(pixels_path)
+    path = path if path.is_absolute() else ws.root / path
+    if not path.exists():
+        raise PatchError(f"patch set {name!r}: pixel file {path} is missing (rebuild with `mammo patches`)")
+    pixels = np.memmap(path, dtype=np.uint16, mode="r", shape=(max(n, 1), size, size))
+    return PatchSet(name=name, size=size, step=step, digest=digest, params=json.loads(params), rows=rows,
+                    pixels=pixels)
