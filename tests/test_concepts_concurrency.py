@@ -70,3 +70,53 @@ def test_two_processes_label_at_once_lose_nothing(ws):
     assert all(r.labelled_by == f"proc-{r.unit // WRITES}" for r in rows)
     print(f"\n2 processes x {WRITES} label transactions: {2 * WRITES / wall:.0f} writes/s "
           f"(per process: {', '.join(f'{WRITES / o[2]:.0f}/s' for o in sorted(outcome))})")
+
+
+SHARED_UNITS = 40
+
+
+def _relabeller(path: str, worker: int, start, results) -> None:
+    """One process: 500 single-unit writes on units the other process writes too."""
+    errors: list[str] = []
+    try:
+        store = ConceptStore(path)
+        start.wait(30)
+        for i in range(500):
+            try:
+                store.label_units(MODEL, LAYER, [(i * 7 + worker) % SHARED_UNITS], CONCEPTS[(i + worker) % 3],
+                                  by=f"proc-{worker}", source="api", n_units=SHARED_UNITS)
+            except Exception as error:
+                errors.append(f"{type(error).__name__}: {error}")
+        store.close()
+        results.put((worker, errors))
+    except Exception:
+        results.put((worker, [traceback.format_exc()]))
+
+
+def test_racing_relabels_keep_a_consistent_history(ws):
+    """Both processes relabel the same units: every event's 'before' is the previous event's 'after'
+    (no lost update), same-concept writes leave no event, and replaying the history gives the labels."""
+    ConceptStore(ws).close()
+    ctx = mp.get_context("spawn")
+    start, results = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_relabeller, args=(str(ws.catalog_path), w, start, results)) for w in (0, 1)]
+    for p in procs:
+        p.start()
+    time.sleep(1.0)
+    start.set()
+    outcome = [results.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(30)
+    assert [e for o in outcome for e in o[1]] == []
+
+    store = ConceptStore(ws)
+    events = store.history(MODEL, LAYER)
+    last: dict[int, int | None] = {}
+    for e in events:
+        assert e.concept_before == last.get(e.unit)
+        assert e.concept_after != e.concept_before
+        assert e.action == ("add" if e.concept_before is None else "relabel")
+        last[e.unit] = e.concept_after
+    assert {u: c.concept_id for u, c in store.labels(MODEL, LAYER).items()} == last
+    assert store.labels_at(MODEL, LAYER, events[-1].at) == store.labels(MODEL, LAYER)
+    assert {e.actor for e in events} == {"proc-0", "proc-1"} and len(last) == SHARED_UNITS

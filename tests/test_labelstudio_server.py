@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import requests
 from PIL import Image
 
-from ml_backend.labelstudio import external_server, LabelStudioError
+from ml_backend.labelstudio import LabelStudioError, external_server
 from ml_backend.provision import local_files_url
 
 pytestmark = pytest.mark.labelstudio
@@ -68,6 +69,6 @@ def test_local_files_are_served_once_a_storage_covers_them(labelstudio_server, t
     client.import_storage.local.create(project=project.id, path=str(folder), use_blob_urls=True)
     response = session.get(server.url + url, timeout=30)
     assert response.status_code == 200
-    with Image.open(__import__("io").BytesIO(response.content)) as image:
+    with Image.open(io.BytesIO(response.content)) as image:
         assert (np.asarray(image) == pixels).all()
     client.projects.delete(id=project.id)

@@ -42,12 +42,17 @@ def pipeline(tmp_path_factory):
     run = execute_run(ws, source, top_k=4)
     image_id = max(ids, key=lambda i: len(reads[ids.index(i)].boxes))
     read = reads[ids.index(image_id)]
-    # an ROI where one live unit is active: its own stitched mask around a box of the read
-    box = [int(v) for v in read.boxes[len(read.boxes) // 2]]
-    probe = query.query_image(ws, image_id, query.roi_from_box(box, read.shape), loaded, run, read=read)
+    # an ROI where one live unit is active above its threshold: that unit's own mask on the image
     live = np.flatnonzero(run.thresholds > 0)
-    unit = int(max(live, key=lambda u: probe.iou[u]))
-    roi = probe.mask_of(unit)
+    ratio = np.asarray(read.maps, dtype=np.float32).max(axis=(2, 3))[:, live] / run.thresholds[live]
+    for flat in np.argsort(-ratio, axis=None)[:20]:
+        p, u = np.unravel_index(flat, ratio.shape)
+        box = [int(v) for v in read.boxes[p]]
+        probe = query.query_image(ws, image_id, query.roi_from_box(box, read.shape), loaded, run, read=read)
+        unit = int(live[u])
+        roi = probe.mask_of(unit)
+        if roi.any():
+            break
     assert roi.any()
     return {"ws": ws, "loaded": loaded, "run": run, "image_id": image_id, "read": read, "roi": roi,
             "unit": unit, "live": live}

@@ -229,16 +229,11 @@ def model_source(ws: Workspace, loaded: Any, *, patch_set: str = "default", spli
     """Activations of ``layer`` (default: the checkpoint's dissected layer) of a loaded checkpoint
     over the patches of ``split`` (None: all) of a workspace patch set, ordered by patch id."""
     from models.features import capture, get_layer
-    from workspace.catalog import open_catalog
     from workspace.patches import open_patch_set
 
     layer = layer or loaded.dissected_layer
     get_layer(loaded.model, layer)    # a clear ModelError for an unknown layer, before any work
-    db = open_catalog(ws)
-    info = list(db.query("SELECT * FROM patch_sets WHERE patch_set = ?", [patch_set]))
-    if not info:
-        raise DissectionError(f"no patch set {patch_set!r} in this workspace (build one with `mammo patches`)")
-    pset = open_patch_set(ws, patch_set)
+    pset = open_patch_set(ws, patch_set)    # a clear PatchError for an unknown patch set
     rows = [r for r in pset.rows if split is None or r["split"] == split]
     if not rows:
         raise DissectionError(f"patch set {patch_set!r} has no patches in split {split!r}")
@@ -254,9 +249,9 @@ def model_source(ws: Workspace, loaded: Any, *, patch_set: str = "default", spli
         return tap.output
 
     identity = {"model_digest": loaded.digest, "layer": layer, "patch_set": patch_set,
-                "patch_set_digest": info[0]["digest"], "split": split or "all"}
+                "patch_set_digest": pset.digest, "split": split or "all"}
     extra = {"model_path": str(loaded.path), "architecture": loaded.meta.get("architecture"),
-             "patch_size": int(info[0]["size"]), "device": str(getattr(loaded, "device", "cpu"))}
+             "patch_size": int(pset.size), "device": str(getattr(loaded, "device", "cpu"))}
     return ActivationSource(patch_ids, activations, identity, batch_size, extra)
 
 

@@ -348,7 +348,7 @@ def build_patch_set(ws: Workspace, name: str = "default", *, size: int = 512, st
     by_image: dict[str, list[dict]] = {}
     for p in patches:
         by_image.setdefault(p["image_id"], []).append(p)
-    digest = hashlib.sha1(f"{name}|{size}|{step}|{rule}|{seed}".encode())
+    digest = hashlib.sha1(f"{size}|{step}|{rule}|{seed}".encode())  # not the name: same patches, same digest
     failed: set[str] = set()
     for image_id, group in progress(list(by_image.items()), desc="patch pixels", unit="image"):
         row = images[image_id]

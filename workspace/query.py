@@ -98,33 +98,16 @@ class PatchMasks:
             raise QueryError(f"{maps.shape[0]} unit maps but {thresholds.shape[0]} thresholds: the maps and the "
                              "run come from different layers or models")
         device = torch.device(device or "cpu")
-        peak = maps.reshape(maps.shape[0], -1).max(axis=1)
-        candidates = np.flatnonzero(peak + SKIP_MARGIN * np.abs(peak) >= thresholds)
-        areas = np.zeros(maps.shape[0], dtype=np.int64)
-        words = -(-size // 64)
         backend = backend or ("numpy" if device.type == "cpu" else "torch")
         if backend not in ("numpy", "torch"):
             raise QueryError(f"unknown mask backend {backend!r} (numpy or torch)")
-        use_torch = backend == "torch"
-        chunks, kept = [], []
-        for start in range(0, candidates.size, MASK_CHUNK_UNITS):
-            units = candidates[start:start + MASK_CHUNK_UNITS]
-            src = torch.from_numpy(maps[units]).to(device)
-            mask = upsample_maps(src, size) >= torch.from_numpy(thresholds[units]).to(device)[:, None, None]
-            counts = mask.sum(dim=(1, 2)).cpu().numpy()
-            nonempty = counts > 0
-            areas[units] = counts
-            if not nonempty.any():
-                continue
-            kept.append(units[nonempty])
-            mask = mask[torch.from_numpy(nonempty).to(device)]
-            chunks.append(mask if use_torch else _pack_rows(mask.cpu().numpy()))
-        stored = np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
-        if use_torch:
-            store = torch.cat(chunks) if chunks else torch.zeros((0, size, size), dtype=torch.bool, device=device)
-        else:
-            store = np.concatenate(chunks) if chunks else np.zeros((0, size, words), dtype=np.uint64)
+        flat = maps.reshape(maps.shape[0], -1)
+        margin = SKIP_MARGIN * (np.abs(flat).max(axis=1) + np.abs(thresholds))   # (units,)
+        candidates = np.flatnonzero(flat.max(axis=1) >= thresholds - margin)
+        build = _masks_numpy if backend == "numpy" else _masks_torch
+        areas, stored, store = build(maps, thresholds, margin, candidates, size, device)
         return cls(maps, thresholds, size, areas, stored, store, device)
+
 
     @property
     def nbytes(self) -> int:
@@ -184,6 +167,68 @@ class PatchMasks:
         if not 0 <= unit < self.n_units:
             raise QueryError(f"no unit {unit}: this layer has units 0..{self.n_units - 1}")
         return unit
+
+
+def _masks_torch(maps, thresholds, margin, candidates, size, device):
+    """Masks of the candidate units, whole patches at a time, as bool tensors on ``device``."""
+    areas = np.zeros(maps.shape[0], dtype=np.int64)
+    chunks, kept = [], []
+    for start in range(0, candidates.size, MASK_CHUNK_UNITS):
+        units = candidates[start:start + MASK_CHUNK_UNITS]
+        src = torch.from_numpy(maps[units]).to(device)
+        mask = upsample_maps(src, size) >= torch.from_numpy(thresholds[units]).to(device)[:, None, None]
+        counts = mask.flatten(1).count_nonzero(dim=1).cpu().numpy()
+        areas[units] = counts
+        nonempty = counts > 0
+        if nonempty.any():
+            kept.append(units[nonempty])
+            chunks.append(mask[torch.from_numpy(nonempty).to(device)])
+    stored = np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
+    store = torch.cat(chunks) if chunks else torch.zeros((0, size, size), dtype=torch.bool, device=device)
+    return areas, stored, store
+
+
+def _masks_numpy(maps, thresholds, margin, candidates, size, device):
+    """Masks of the candidate units as packed uint64 rows, computing each unit's map only in the
+    window of output pixels that have a near-threshold native cell among their four neighbours
+    (every other pixel is provably below the threshold). Same weights, same op order as
+    :func:`workspace.dissection.upsample_maps`, so the values are bit-identical."""
+    _units, h, w = maps.shape
+    r0, r1, h0, h1 = bilinear_weights(h, size)
+    c0, c1, w0, w1 = bilinear_weights(w, size)
+    words = -(-size // 64)
+    areas = np.zeros(maps.shape[0], dtype=np.int64)
+    kept, chunks = [], []
+    block = np.zeros((MASK_CHUNK_UNITS, size, size), dtype=bool)
+    block_units: list[int] = []
+
+    def flush() -> None:
+        if block_units:
+            kept.append(np.array(block_units, dtype=np.int64))
+            chunks.append(_pack_rows(block[:len(block_units)]))
+            block[:len(block_units)] = False
+            block_units.clear()
+
+    for u in candidates:
+        m = maps[u]
+        hot = m >= thresholds[u] - margin[u]
+        rows, cols = np.flatnonzero(hot.any(axis=1)), np.flatnonzero(hot.any(axis=0))
+        y_lo, y_hi = np.searchsorted(r1, rows[0], "left"), np.searchsorted(r0, rows[-1], "right")
+        x_lo, x_hi = np.searchsorted(c1, cols[0], "left"), np.searchsorted(c0, cols[-1], "right")
+        across = w0[x_lo:x_hi] * m[:, c0[x_lo:x_hi]] + w1[x_lo:x_hi] * m[:, c1[x_lo:x_hi]]
+        window = (h0[y_lo:y_hi, None] * across[r0[y_lo:y_hi]]
+                  + h1[y_lo:y_hi, None] * across[r1[y_lo:y_hi]]) >= thresholds[u]
+        area = int(np.count_nonzero(window))
+        areas[u] = area
+        if area:
+            block[len(block_units), y_lo:y_hi, x_lo:x_hi] = window
+            block_units.append(int(u))
+            if len(block_units) == MASK_CHUNK_UNITS:
+                flush()
+    flush()
+    stored = np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
+    store = np.concatenate(chunks) if chunks else np.zeros((0, size, words), dtype=np.uint64)
+    return areas, stored, store
 
 
 def _rank(iou: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
@@ -428,23 +473,19 @@ def image_masks_for(ws: Any, image_id: str, loaded: Any, run: Any, *, read: Any 
     maps the read kept (``models.inference.read_mammogram(..., keep_maps=True)``): no second forward."""
     if run.model_digest != loaded.digest:
         raise QueryError(f"run {run.run_id} dissected model {run.model_digest}, not the loaded model {loaded.digest}")
-    if run.layer != loaded.dissected_layer:
-        raise QueryError(f"run {run.run_id} dissected layer {run.layer}, but reads keep maps of "
-                         f"{loaded.dissected_layer}")
     key = (str(ws.root), image_id, loaded.digest, run.run_id)
     if key in _IMAGE_CACHE and read is None:
         _IMAGE_CACHE.move_to_end(key)
         return _IMAGE_CACHE[key]
-    from workspace.catalog import get_image, open_catalog
-
-    image = get_image(open_catalog(ws), image_id)
     if read is None:
         from models.inference import read_mammogram
 
         read = read_mammogram(ws, image_id, loaded, keep_maps=True)
     if read.maps is None:
         raise QueryError(f"the read of {image_id} kept no feature maps (read it again with keep_maps=True)")
-    masks = ImageMasks(read.boxes, read.maps, run.thresholds, (image["rows"], image["cols"]),
+    if read.layer != run.layer:
+        raise QueryError(f"run {run.run_id} dissected layer {run.layer}, but the read kept maps of {read.layer}")
+    masks = ImageMasks(read.boxes, read.maps, run.thresholds, tuple(read.shape),
                        device=getattr(loaded, "device", None))
     _IMAGE_CACHE[key] = masks
     while len(_IMAGE_CACHE) > IMAGE_CACHE_SIZE:

@@ -362,12 +362,15 @@ def _thumbnail_svg(report: Report, max_height: int = 430) -> str:
         px, py, pw, ph = (v * scale for v in report.patch_box)
         parts.append(f'<rect x="{px:.1f}" y="{py:.1f}" width="{pw:.1f}" height="{ph:.1f}" fill="none" '
                      f'stroke="#56b4e9" stroke-width="{max(w, h) / 250:.1f}" stroke-dasharray="6 4"/>')
+    if thumb.get("roi_png_base64"):
+        parts.append(f'<image href="data:image/png;base64,{thumb["roi_png_base64"]}" width="{w}" height="{h}"/>')
     if report.roi and report.roi.get("bbox"):
         rx, ry, rw, rh = (v * scale for v in report.roi["bbox"])
+        fill = "none" if thumb.get("roi_png_base64") else "#e69f0033"
         parts.append(f'<rect x="{rx:.1f}" y="{ry:.1f}" width="{max(rw, 1):.1f}" height="{max(rh, 1):.1f}" '
-                     f'fill="#e69f0033" stroke="#e69f00" stroke-width="{max(w, h) / 200:.1f}"/>')
+                     f'fill="{fill}" stroke="#e69f00" stroke-width="{max(w, h) / 250:.1f}" stroke-opacity="0.8"/>')
     parts.append("</svg>")
-    caption = "ROI in orange" if report.roi else "no ROI given"
+    caption = "ROI in orange (its box outlined)" if report.roi else "no ROI given"
     if report.patch_box:
         caption += ", patch dashed blue"
     return (f'<div class="card thumb"><h2>Image</h2><p class="sub">Chest wall on the left; {caption}.</p>'
@@ -466,19 +469,31 @@ workspace's concept store at the time of the report.</footer>
 
 
 # ----------------------------------------------------------------------------- wiring (real data)
-def make_thumbnail(display_u8: np.ndarray, max_side: int = 640) -> dict:
-    """A downscaled PNG of a display image for the HTML page (``scale`` = thumbnail px per image px)."""
+def _png_base64(image: Any) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def make_thumbnail(display_u8: np.ndarray, max_side: int = 640, roi_mask: np.ndarray | None = None) -> dict:
+    """A downscaled PNG of a display image for the HTML page (``scale`` = thumbnail px per image px),
+    with the ROI mask (same shape as the image) as a translucent orange overlay PNG when given."""
     from PIL import Image
 
     image = Image.fromarray(np.asarray(display_u8, dtype=np.uint8))
     scale = min(1.0, max_side / max(image.size))
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     if scale < 1.0:
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                             Image.Resampling.LANCZOS)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=True)
-    return {"png_base64": base64.b64encode(buffer.getvalue()).decode("ascii"), "width": image.width,
-            "height": image.height, "scale": scale}
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    thumb = {"png_base64": _png_base64(image), "width": image.width, "height": image.height, "scale": scale}
+    if roi_mask is not None:
+        # box-filtered coverage, so thin brush strokes survive the downscaling
+        cover = np.asarray(Image.fromarray(np.asarray(roi_mask, dtype=np.uint8) * 255).resize(
+            size, Image.Resampling.BOX)) > 0
+        rgba = np.zeros((*cover.shape, 4), dtype=np.uint8)
+        rgba[cover] = (230, 159, 0, 120)
+        thumb["roi_png_base64"] = _png_base64(Image.fromarray(rgba, "RGBA"))
+    return thumb
 
 
 def latest_run_id(db: Any, model_digest: str | None = None) -> str:
@@ -571,7 +586,9 @@ def report_for_image(ws: Any, image_id: str, roi: np.ndarray | Sequence[int] | N
         display = display if display.is_absolute() else ws.root / display
         if display.exists():
             from PIL import Image
-            thumb = make_thumbnail(np.asarray(Image.open(display).convert("L")))
+            pixels = np.asarray(Image.open(display).convert("L"))
+            thumb = make_thumbnail(pixels, roi_mask=roi_mask if roi_mask is not None
+                                   and roi_mask.shape == pixels.shape else None)
     return build_report(max_acts, run.thresholds, labels, iou=iou, aligned=aligned, iou_threshold=threshold,
                         image_id=image_id, patch_box=patch_box, model_digest=run.model_digest, layer=run.layer,
                         run_id=run.run_id, query_id=query_id, roi=roi_geometry, thumbnail=thumb)

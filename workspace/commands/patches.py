@@ -1,0 +1,46 @@
+"""``mammo patches``: build the paper's patch set (lesion and normal patches, balanced, split by patient)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+ORDER = 25
+
+
+def _run(args: argparse.Namespace) -> int:
+    from workspace.config import Workspace
+    from workspace.patches import build_patch_set
+
+    ws = Workspace.open(args.workspace)
+    summary = build_patch_set(ws, args.name, size=args.size, step=args.step, inside=args.inside, seed=args.seed,
+                              dataset=args.dataset)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        splits = ", ".join(f"{s}: {c['lesion']} lesion / {c['normal']} normal"
+                           for s, c in sorted(summary["per_split"].items()))
+        print(f"patch set {summary['patch_set']!r}: {summary['n_patches']} patches "
+              f"({summary['lesion_patches']} lesion, {summary['normal_patches']} normal; {splits}); "
+              f"digest {summary['digest']}; pixels {summary['pixels_path']}")
+        for problem in summary["problems"]:
+            print(f"  problem: {problem}")
+    return 0
+
+
+def add_parser(subparsers, parents) -> None:
+    parser = subparsers.add_parser(
+        "patches", parents=parents, help="build the patch set (lesion and normal patches) from the catalog",
+        description="Crop SIZE x SIZE patches with step STEP: lesion patches inside each annotated region of "
+                    "BI-RADS 0 images (the ellipses of the annotated copies, else masks/boxes/contours), normal "
+                    "patches from all-tissue areas of BI-RADS 1/2 images, balanced, split by patient.")
+    parser.add_argument("--name", default="default", help="patch set name (default: default)")
+    parser.add_argument("--size", type=int, default=512, help="patch side in pixels (default 512)")
+    parser.add_argument("--step", type=int, default=256, help="grid step in pixels (default 256)")
+    parser.add_argument("--inside", default="centre", metavar="RULE",
+                        help="when a lesion patch is inside its region: centre (default: the patch centre is "
+                             "in it), all (the whole patch), fraction:F (at least F of the patch area)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the normal-patch draw (default 0)")
+    parser.add_argument("--dataset", default=None, help="use only this dataset's images (default: all)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.set_defaults(func=_run)

@@ -1,0 +1,71 @@
+"""``mammo up``: start everything a reader and a curator use, on 127.0.0.1, and stop it on Ctrl-C.
+
+Starts the ML backend (the model and the newest dissection run, loaded once), a Label Studio server
+whose data lives in ``WORKSPACE/labelstudio`` (SQLite; analytics and update checks off; re-running
+reuses it), provisions the projects, then the FiftyOne App when the FiftyOne side is installed, and
+prints the URLs and the login. Ctrl-C stops every process it started, by PID.
+
+An existing Label Studio (a team's, on PostgreSQL...) is used instead of starting one when given
+with ``--labelstudio-url/--labelstudio-token`` or saved with ``mammo ls connect``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+ORDER = 90
+
+
+def start_fiftyone_hook(ws):
+    """The FiftyOne side's start function (``fiftyone_plugins.launch.start_fiftyone(ws) -> [Service]``), or
+    None when it is not there."""
+    try:
+        from fiftyone_plugins.launch import start_fiftyone
+    except ImportError:
+        return None
+    return start_fiftyone
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ml_backend.stack import bring_up, describe
+    from workspace.config import Workspace
+
+    ws = Workspace.open(args.workspace)
+    auth = (args.backend_user, args.backend_password) if args.backend_user and args.backend_password else None
+    stack = bring_up(ws, ls_url=args.labelstudio_url, ls_token=args.labelstudio_token, ls_port=args.port,
+                     backend_host=args.backend_host, backend_port=args.backend_port, backend_auth=auth,
+                     backend_url=args.backend_url)
+    try:
+        lines = [describe(stack)]
+        start_fiftyone = None if args.no_fiftyone else start_fiftyone_hook(ws)
+        if start_fiftyone is not None:
+            fo_services = list(start_fiftyone(ws) or [])
+            stack.services.extend(fo_services)
+            for service in fo_services:
+                if service.url and service.name not in ("mongod",):
+                    lines.append(f"FiftyOne      {service.url}")
+        print("\n".join(lines))
+        print("Ctrl-C stops everything.", flush=True)
+        dead = stack.wait()
+        if dead is not None:
+            print(f"{dead.name} stopped unexpectedly; see {dead.log_path}:\n{dead.log_tail()}")
+            return 1
+    finally:
+        stack.stop()
+    return 0
+
+
+def add_parser(subparsers, parents) -> None:
+    p = subparsers.add_parser("up", parents=parents, help="start Label Studio, the backend and FiftyOne; Ctrl-C stops",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--port", type=int, help="Label Studio port (default 8080 when free)")
+    p.add_argument("--backend-host", default="127.0.0.1",
+                   help="address the backend binds (beyond 127.0.0.1 it needs --backend-user/--backend-password)")
+    p.add_argument("--backend-port", type=int, help="backend port (default 9090 when free)")
+    p.add_argument("--backend-user")
+    p.add_argument("--backend-password")
+    p.add_argument("--backend-url", help="the backend's URL as Label Studio reaches it (default: where it runs)")
+    p.add_argument("--labelstudio-url", help="use this existing Label Studio instead of starting one")
+    p.add_argument("--labelstudio-token", help="its API token")
+    p.add_argument("--no-fiftyone", action="store_true", help="do not start the FiftyOne App")
+    p.set_defaults(func=_run)
