@@ -129,6 +129,34 @@ def _existing_dataset(db_uri: str, name: str) -> str | None:
         client.close()
 
 
+def connect_here(ws: Workspace, db_uri: str) -> None:
+    """Point THIS process's FiftyOne at ``db_uri``, every FiftyOne folder inside the workspace.
+
+    Call before the first database call; when ``fiftyone`` is already imported its config is set too.
+    """
+    link_plugin(ws)
+    env = {k: v for k, v in ws.service_env().items() if k.startswith("FIFTYONE_")}
+    env.update(app_env(ws, db_uri))
+    os.environ.update(env)
+    if "fiftyone" in sys.modules:
+        import fiftyone as fo
+
+        fo.config.database_uri = db_uri
+        fo.config.database_validation = False
+        fo.config.do_not_track = True
+        fo.config.plugins_dir = env["FIFTYONE_PLUGINS_DIR"]
+
+
+def running_mongod(ws: Workspace) -> Service | None:
+    """The workspace's mongod when a ``mammo up`` / ``mammo fiftyone app`` left one running."""
+    from workspace.services import port_open, recorded_services
+
+    service = recorded_services(ws).get("mongod")
+    if service is not None and service.alive() and port_open("127.0.0.1", service.port):
+        return service
+    return None
+
+
 def neuron_map_spaces():
     """The App layout: the samples grid on the left, the Neuron map panel on the right."""
     import fiftyone as fo

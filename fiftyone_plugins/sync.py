@@ -122,7 +122,7 @@ def sync_with_summary(ws: Workspace, run: Any, *, prefix: str = DEFAULT_PREFIX, 
             "layer": run.layer, "n_units": int(np.asarray(run.max_activations).shape[0]),
             "top_k": int(np.asarray(run.top_k).shape[1]), "patches_dataset": patches_name,
             "neurons_dataset": neurons_name, "signature": signature, "version": SYNC_VERSION,
-            "explained_variance": [float(v) for v in np.asarray(run.explained_variance).ravel()]}
+            "explained_variance": _variance_ratio(run)}
     patches_ds = _open(fo, patches_name)
     neurons_ds = _open(fo, neurons_name)
     fresh = (_meta(patches_ds).get("signature") == signature and _meta(neurons_ds).get("signature") == signature
@@ -143,6 +143,29 @@ def sync_with_summary(ws: Workspace, run: Any, *, prefix: str = DEFAULT_PREFIX, 
     changed = refresh_concepts(ws, neurons_ds)
     summary = SyncSummary(patches_name, neurons_name, written_p, written_n, changed)
     return patches_ds, neurons_ds, summary
+
+
+def _variance_ratio(run: Any) -> list[float]:
+    """The share of variance along each PCA axis (empty when the run does not say)."""
+    ratio = getattr(run, "explained_variance_ratio", None)
+    return [float(v) for v in np.asarray(ratio).ravel()] if ratio is not None else []
+
+
+def pick_run(ws: Workspace, run_id: str | None = None):
+    """The run ``run_id``, else the most recently finished complete run of the workspace."""
+    from workspace.catalog import open_catalog
+    from workspace.dissect_run import load_run
+
+    if run_id:
+        return load_run(ws, run_id)
+    for row in open_catalog(ws).query("SELECT run_id FROM dissection_runs WHERE status = 'complete' "
+                                      "ORDER BY finished_at DESC, run_id"):
+        if (ws.runs_dir / row["run_id"]).is_dir():
+            try:
+                return load_run(ws, row["run_id"])
+            except MammoError:
+                continue
+    raise SyncError("no finished dissection run in this workspace: run `mammo dissect` first")
 
 
 def _open(fo: Any, name: str):
