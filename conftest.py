@@ -2,6 +2,7 @@
 
 pytest_plugins = [
     "tests.fixtures.common",
+    "tests.fixtures.pipeline",
     "tests.fixtures.cohort",
     "tests.fixtures.dicom",
     "tests.fixtures.importers",

@@ -105,16 +105,40 @@ def start_app(ws: Workspace, port: int | None = None, *, db_uri: str, dataset: s
 
 
 def start_fiftyone(ws: Workspace, *, mongod_port: int | None = None, app_port: int | None = None,
-                   prefix: str = DEFAULT_PREFIX) -> list[Service]:
-    """mongod + the App (on the patches dataset when ``mammo fiftyone sync`` made it); started in order."""
+                   prefix: str = DEFAULT_PREFIX, sync_first: bool = True) -> list[Service]:
+    """mongod + the App on the patches dataset; returns ``[mongod, app]`` (``mammo up`` stops them).
+
+    With ``sync_first``, the datasets are brought up to date with the newest dissection run first
+    (``mammo fiftyone sync`` in a child process; a no-op when nothing changed). Without any run the
+    App starts on no dataset, and the sync's message says what to run.
+    """
+    if running_mongod(ws) is not None:
+        raise FiftyOneSetupError(f"FiftyOne's database of {ws.root} is already running (see "
+                                 f"{ws.root / 'services.json'}); stop that `mammo up` first")
     mongod = start_mongod(ws, mongod_port)
     try:
+        if sync_first:
+            sync_in_child(ws, mongod.url, prefix=prefix)
         dataset = _existing_dataset(mongod.url, dataset_names(prefix)[0])
         app = start_app(ws, app_port, db_uri=mongod.url, dataset=dataset)
     except BaseException:
         mongod.stop()
         raise
     return [mongod, app]
+
+
+def sync_in_child(ws: Workspace, db_uri: str, *, prefix: str = DEFAULT_PREFIX, run_id: str | None = None) -> int:
+    """``mammo fiftyone sync`` in a child process (keeps FiftyOne and torch out of this one)."""
+    import subprocess
+
+    command = [sys.executable, "-m", "workspace.cli", "--workspace", str(ws.root), "fiftyone", "sync",
+               "--database-uri", db_uri, "--prefix", prefix]
+    if run_id:
+        command += ["--run", run_id]
+    env = dict(os.environ)
+    env.update(ws.service_env())
+    env.update(app_env(ws, db_uri))
+    return subprocess.run(command, env=env, check=False).returncode
 
 
 def _existing_dataset(db_uri: str, name: str) -> str | None:

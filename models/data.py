@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,8 @@ class PatchData:
     patch_ids: np.ndarray  # (N,) int64
     fetch: Callable[[np.ndarray], torch.Tensor] = field(repr=False)
     info: dict[str, Any] = field(default_factory=dict)
+    boxes: np.ndarray | None = None  # (N, 3) int: x, y, size in the source image (normalised orientation)
+    origins: list[tuple[int, int, str] | None] | None = None  # synthetic (seed, patient, image key) or None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -73,10 +76,7 @@ class PatchData:
     @classmethod
     def from_patch_set(cls, ws: Any, name: str = "default") -> PatchData:
         """A workspace patch set (``mammo patches``), with each patch's patient from the catalog."""
-        try:
-            from workspace import patches
-        except ImportError:  # pragma: no cover - until the patch extractor lands
-            raise MammoError("this workspace has no patch extractor (workspace/patches.py)") from None
+        from workspace import patches
         from workspace.catalog import open_catalog
 
         patch_set = patches.open_patch_set(ws, name)
@@ -84,34 +84,104 @@ class PatchData:
         if not rows:
             raise MammoError(f"patch set {name!r} is empty")
         db = open_catalog(ws)
-        patient_of = {r["image_id"]: r["patient_id"]
-                      for r in db.query("SELECT image_id, patient_id FROM images")}
-        info_row = next(db.query("SELECT * FROM patch_sets WHERE patch_set = ?", [name]), None)
+        images = {r["image_id"]: r for r in db.query("SELECT image_id, patient_id, source_path FROM images")}
         array_index = np.array([r["array_index"] for r in rows], dtype=np.int64)
 
         def fetch(positions: np.ndarray) -> torch.Tensor:
             return patch_set.batch(array_index[positions])
 
-        digest = getattr(patch_set, "digest", None) or (info_row or {}).get("digest", "")
-        info = {"patch_set": name, "image_ids": sorted({r["image_id"] for r in rows})}
-        synthetic = _synthetic_range(db)
-        if synthetic:
-            info["synthetic"] = synthetic
-        return cls(name=name, digest=str(digest), size=int(patch_set.pixels.shape[-1]),
+        origins = [synthetic_origin(images[r["image_id"]]["source_path"]) for r in rows]
+        info: dict[str, Any] = {"patch_set": name}
+        known = [o for o in origins if o is not None]
+        if known:
+            info["synthetic"] = {"seeds": sorted({o[0] for o in known}),
+                                 "patients": [min(o[1] for o in known), max(o[1] for o in known) + 1]}
+        return cls(name=name, digest=str(patch_set.digest), size=int(patch_set.size),
                    labels=np.array([r["label"] for r in rows], dtype=np.int64),
                    splits=np.array([r["split"] for r in rows]).astype(str),
-                   groups=np.array([patient_of.get(r["image_id"], r["image_id"]) for r in rows]).astype(str),
-                   patch_ids=np.array([r["patch_id"] for r in rows], dtype=np.int64), fetch=fetch, info=info)
+                   groups=np.array([images[r["image_id"]]["patient_id"] for r in rows]).astype(str),
+                   patch_ids=np.array([r["patch_id"] for r in rows], dtype=np.int64), fetch=fetch, info=info,
+                   boxes=np.array([[r["x"], r["y"], r["size"]] for r in rows], dtype=np.int64), origins=origins)
+
+    def recorded_split(self, split: str = "test") -> dict | None:
+        """How to rebuild ``split`` elsewhere: the synthetic image of each patch and its box, plus a digest of
+        the pixels; None unless every patch of the split comes from the synthetic generator."""
+        idx = self.indices(split)
+        if self.origins is None or self.boxes is None or len(idx) == 0:
+            return None
+        if any(self.origins[i] is None for i in idx):
+            return None
+        seeds = {self.origins[i][0] for i in idx}
+        if len(seeds) != 1:
+            return None
+        patches = [[int(self.origins[i][1]), self.origins[i][2], int(self.boxes[i][0]), int(self.boxes[i][1]),
+                    int(self.labels[i])] for i in idx]
+        return {"split": split, "generator": "workspace.synth", "seed": seeds.pop(), "size": self.size,
+                "columns": ["patient", "image_key", "x", "y", "label"], "patches": patches,
+                "pixel_digest": pixel_digest(self, idx)}
 
 
-def _synthetic_range(db: Any) -> dict | None:
-    """The synthetic cohort's generator arguments, when the workspace recorded them (else None)."""
-    try:
-        from workspace import synth
-    except ImportError:  # pragma: no cover
-        return None
-    describe = getattr(synth, "describe_cohort", None)
-    return describe(db) if describe else None
+ORIGIN_PATTERN = re.compile(r"(?:^|/)synthetic/seed(\d+)/patient(\d+)/([A-Z]+)\.dcm$")
 
 
-__all__ = ["PatchData"]
+def synthetic_origin(source_path: str) -> tuple[int, int, str] | None:
+    """(seed, patient index, image key) of a file written by ``workspace.synth``, else None."""
+    match = ORIGIN_PATTERN.search(str(source_path).replace("\\", "/"))
+    return (int(match.group(1)), int(match.group(2)), match.group(3)) if match else None
+
+
+def pixel_digest(data: PatchData, positions: np.ndarray) -> str:
+    """sha1 (16 hex) of the patches' uint16 pixels, in the given order."""
+    h = hashlib.sha1()
+    for start in range(0, len(positions), 32):
+        x = data.batch(positions[start:start + 32]).numpy()
+        h.update(np.rint(x * 65535).astype(np.uint16).tobytes())
+    return h.hexdigest()[:16]
+
+
+def rebuild_recorded_split(ws: Any, recorded: dict, *, birads0_fraction: float = 0.5,
+                           variants: bool = True) -> PatchData:
+    """Rebuild a recorded synthetic split (see :meth:`PatchData.recorded_split`) in workspace ``ws``.
+
+    Only the images that hold a recorded patch are generated (patient ``k`` depends only on
+    (seed, k)), written as DICOM and imported through the normal reader path; the patches are cut from
+    their model pixels. The result holds the patches in the recorded order, all in ``recorded["split"]``.
+    """
+    from workspace import ingest, synth
+    from workspace.catalog import get_image, open_catalog
+    from workspace.progress import progress
+
+    db = open_catalog(ws)
+    seed, size = int(recorded["seed"]), int(recorded["size"])
+    by_image: dict[tuple[int, str], list[int]] = {}
+    for i, (patient, key, *_rest) in enumerate(recorded["patches"]):
+        by_image.setdefault((int(patient), str(key)), []).append(i)
+    n = len(recorded["patches"])
+    pixels = np.zeros((n, size, size), dtype=np.uint16)
+    groups = np.empty(n, dtype=object)
+    for (patient, key), members in progress(sorted(by_image.items()), desc="rebuilding test images", unit="image"):
+        plan = synth.plan_patient(seed, patient, birads0_fraction=birads0_fraction, variants=variants)
+        path = synth.dicom_path(ws, seed, patient, key)
+        stored = ingest.stored_path(ws, path)
+        found = db.execute("SELECT image_id FROM images WHERE source_path = ?", [stored]).fetchone()
+        if found:
+            image_id = found[0]
+        else:
+            image = synth.make_image(plan, key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            synth.write_dicom(path, plan, image)
+            image_id = ingest.register_dicom(ws, db, path, dataset=synth.DATASET, patient_source_id=plan.patient_id,
+                                             birads=image.birads, label=image.label, density=plan.density)
+        model = ingest.load_model_pixels(ws, get_image(db, image_id))
+        for i in members:
+            x, y = int(recorded["patches"][i][2]), int(recorded["patches"][i][3])
+            pixels[i] = np.rint(np.clip(model[y:y + size, x:x + size], 0, 1) * 65535).astype(np.uint16)
+            groups[i] = f"seed{seed}-patient{patient}"
+    labels = np.array([int(p[4]) for p in recorded["patches"]], dtype=np.int64)
+    data = PatchData.from_arrays(pixels, labels, [recorded["split"]] * n, groups.astype(str),
+                                 name=f"recorded-{recorded['split']}")
+    data.info = {"rebuilt_from": "recorded split", "seed": seed}
+    return data
+
+
+__all__ = ["PatchData", "synthetic_origin", "pixel_digest", "rebuild_recorded_split"]

@@ -236,7 +236,7 @@ def train(data: PatchData, recipe: Recipe, out_dir: str | os.PathLike, *, device
                                      f"paper's {PAPER_EPOCHS}" if recipe.epochs == SLIM_CPU_EPOCHS and
                                      recipe.arch == "vgg16_slim" else "")},
         "data_digest": data.digest,
-        "data": data.info,
+        "data": {**data.info, "recorded_test": data.recorded_split("test")},
         "split": data.split_counts(),
         "training": {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
                      "epochs_run": len(history), "seconds": round(sum(h["seconds"] for h in history), 1),

@@ -74,13 +74,17 @@ class DissectionError(MammoError):
 # statistics of one pass (mergeable)
 # ---------------------------------------------------------------------------------------------
 def plan_quantile(n_units: int, n_total: int, q: float, memory_budget_mb: float,
-                  batch_values: int) -> dict[str, Any]:
-    """Exact tail buffer when its peak fits the budget, else a sketch sized to the budget."""
+                  batch_values: int, sketch_capacity: int | None = None) -> dict[str, Any]:
+    """Exact tail buffer when its peak fits the budget, else a sketch sized to the budget
+    (``sketch_capacity`` forces the sketch with that capacity, e.g. to match other shards)."""
     budget = int(memory_budget_mb * 2**20)
     exact_bytes = RunningTailQuantile.estimate_bytes(n_units, n_total, q, batch_values)
     plan = {"n_values_per_unit": int(n_total), "tail_size": tail_size(n_total, q),
             "exact_peak_bytes": exact_bytes, "memory_budget_bytes": budget}
-    if exact_bytes <= budget:
+    if sketch_capacity is not None:
+        plan["method"] = "sketch"
+        plan["sketch_capacity"] = int(sketch_capacity)
+    elif exact_bytes <= budget:
         plan["method"] = "exact"
     else:
         plan["method"] = "sketch"
@@ -110,12 +114,14 @@ class DissectionStats:
 
     @classmethod
     def for_batch(cls, acts: torch.Tensor, n_patches: int, *, quantile: float, top_k: int,
-                  memory_budget_mb: float, device: torch.device | str | None = None) -> DissectionStats:
+                  memory_budget_mb: float, device: torch.device | str | None = None,
+                  sketch_capacity: int | None = None) -> DissectionStats:
         """Statistics sized from the first batch's shape for a pass over ``n_patches`` patches."""
         if acts.dim() != 4:
             raise DissectionError(f"a layer to dissect must output (B, units, h, w) maps, got {tuple(acts.shape)}")
         _b, units, h, w = acts.shape
-        plan = plan_quantile(units, n_patches * h * w, quantile, memory_budget_mb, acts.shape[0] * h * w)
+        plan = plan_quantile(units, n_patches * h * w, quantile, memory_budget_mb, acts.shape[0] * h * w,
+                             sketch_capacity)
         return cls(units, (h, w), plan, quantile, top_k, device or acts.device)
 
     def add(self, acts: torch.Tensor, patch_ids: torch.Tensor | np.ndarray) -> None:
@@ -392,8 +398,9 @@ def list_runs(ws: Workspace) -> list[dict[str, Any]]:
 def execute_run(ws: Workspace, source: ActivationSource, *, quantile: float = DEFAULT_QUANTILE,
                 top_k: int = DEFAULT_TOP_K, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
                 checkpoint_every_s: float = CHECKPOINT_EVERY_S, device: torch.device | str | None = None,
-                on_batch: Callable[[int], None] | None = None) -> DissectionRun:
-    """Run (or resume, or find) the dissection of ``source`` and return the finished run."""
+                sketch_capacity: int | None = None) -> DissectionRun:
+    """Run (or resume, or find) the dissection of ``source`` and return the finished run.
+    ``sketch_capacity`` forces the quantile sketch (else: exact when it fits ``memory_budget_mb``)."""
     if not 0.0 < quantile < 1.0:
         raise DissectionError(f"--quantile must be strictly between 0 and 1, got {quantile}")
     if top_k < 1:
@@ -414,7 +421,8 @@ def execute_run(ws: Workspace, source: ActivationSource, *, quantile: float = DE
     first = source.activations(0, min(bs, n))
     forward_s += time.perf_counter() - t
     stats = DissectionStats.for_batch(first, n, quantile=quantile, top_k=top_k,
-                                      memory_budget_mb=memory_budget_mb, device=device)
+                                      memory_budget_mb=memory_budget_mb, device=device,
+                                      sketch_capacity=sketch_capacity)
     plan_key = {"quantile_method": stats.plan["method"], "sketch_capacity": stats.plan.get("sketch_capacity")}
     config = run_config(source.identity, quantile, top_k, plan_key)
     run_id = make_run_id(config)
@@ -469,8 +477,6 @@ def execute_run(ws: Workspace, source: ActivationSource, *, quantile: float = DE
             stats_s += time.perf_counter() - t
             bar.update(stop - position)
             position = stop
-            if on_batch is not None:
-                on_batch(position)
             if position < n and time.perf_counter() - last_checkpoint >= checkpoint_every_s:
                 checkpoint(position)
                 last_checkpoint = time.perf_counter()

@@ -201,8 +201,12 @@ class View:
 
 
 def power_law_noise(rng: np.random.Generator, shape: tuple[int, int], beta: float = 3.0,
-                    cutoff: float | None = None) -> np.ndarray:
-    """Zero-mean, unit-variance noise with power spectrum ~ 1/f^beta (float32)."""
+                    cutoff: float | None = None, highcut: float | None = 0.12) -> np.ndarray:
+    """Zero-mean, unit-variance noise with power spectrum ~ 1/f^beta (float32).
+
+    ``cutoff`` (cycles/pixel) suppresses structures larger than about ``1/cutoff``; ``highcut``
+    rolls off the finest ones (the field is drawn on a coarse grid and upsampled: no pixel grain).
+    """
     fy = np.fft.fftfreq(shape[0])[:, None]
     fx = np.fft.rfftfreq(shape[1])[None, :]
     f = np.sqrt(fx * fx + fy * fy)
@@ -210,6 +214,8 @@ def power_law_noise(rng: np.random.Generator, shape: tuple[int, int], beta: floa
     amp = f ** (-beta / 2.0)
     if cutoff is not None:  # suppress structures larger than 1/cutoff pixels
         amp *= 1.0 - np.exp(-(f / cutoff) ** 2)
+    if highcut is not None:
+        amp *= np.exp(-(f / highcut) ** 2)
     amp[0, 0] = 0.0
     spec = (rng.standard_normal(amp.shape) + 1j * rng.standard_normal(amp.shape)) * amp
     out = np.fft.irfft2(spec, s=shape).astype(np.float32)
@@ -333,7 +339,7 @@ def render_view(plan: PatientPlan, laterality: str, view: str,
              * (1 - np.exp(-dist_skin / rng.uniform(4.0, 10.0))))
     prior = prior * (1 - muscle)
     tex_big = power_law_noise(rng, (h, w), beta=3.0)
-    tex_mid = power_law_noise(rng, (h, w), beta=2.6, cutoff=0.25 / scale * 4)
+    tex_mid = power_law_noise(rng, (h, w), beta=2.6, cutoff=0.03, highcut=0.25)
     streaks = _radial_streaks(rng, ys, xs, (depth * 1.02, yc), depth, scale)
     g_raw = 1.5 * prior + 0.5 * tex_big + 0.3 * streaks + 0.15 * tex_mid
     lo, hi = DENSITY_FRACTIONS[plan.density]
@@ -1078,3 +1084,51 @@ def _record_lesions(ws: Workspace, db, image_id: str, image: SynthImage, summary
                           attributes={"copy_factor": image.annotated_factor, "copy_ellipse":
                                       {k: round(v, 2) for k, v in e.items()}})
         summary.lesions_annotated += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# A picture of a few patients (docs, sanity checks)
+# ---------------------------------------------------------------------------------------------
+
+def cohort_picture(path: str | Path, patients: list[int], *, seed: int = 0,
+                   image_shape: tuple[int, int] = FULL_SHAPE, reduce: int = 8) -> Path:
+    """A PNG grid: one row per patient, views as hung (RCC LCC RMLO LMLO, as stored), windowed, with
+    the exact finding outlines (red: malignant, green: benign) and the annotated-copy ellipses (yellow)."""
+    from PIL import ImageDraw
+
+    tiles = []
+    for index in patients:
+        plan = plan_patient(seed, index)
+        for key in ("RCC", "LCC", "RMLO", "LMLO"):
+            image = make_image(plan, key, image_shape)
+            maxval = 2 ** image.bits_stored - 1
+            values = image.stored.astype(np.float32)
+            wc, ww = image.window
+            if image.photometric == "MONOCHROME1":
+                values, wc = maxval - values, maxval - wc
+            grey = (np.clip((values - (wc - ww / 2)) / ww, 0, 1) * 255).astype(np.uint8)
+            small = np.asarray(Image.fromarray(grey).reduce(reduce))
+            rgb = np.repeat(small[:, :, None], 3, axis=2).copy()
+            for f in image.findings:
+                m = np.asarray(Image.fromarray(f.full_mask(image.stored.shape).astype(np.uint8) * 255).reduce(reduce)) > 0
+                edge = ndi.binary_dilation(m, iterations=2) & ~m
+                rgb[edge] = (255, 40, 40) if f.spec.pathology == "malignant" else (40, 220, 40)
+            tile = Image.fromarray(rgb)
+            draw = ImageDraw.Draw(tile)
+            for e in image.ellipses:
+                c = full_to_copy(e, reduce)
+                box = [c["cx"] - c["rx"], c["cy"] - c["rx"], c["cx"] + c["rx"], c["cy"] + c["rx"]]
+                draw.ellipse(box, outline=(255, 220, 0))
+            subtypes = ",".join(sorted({f.spec.subtype for f in image.findings})) or "normal"
+            draw.text((6, 6), f"patient {index} {key} BI-RADS {image.birads} density {plan.density}",
+                      fill=(255, 255, 255))
+            draw.text((6, 20), subtypes.replace("_", " "), fill=(255, 255, 255))
+            tiles.append(tile)
+    w, h = tiles[0].size
+    sheet = Image.new("RGB", (w * 4 + 12, h * len(patients) + 4 * (len(patients) - 1)), (40, 40, 40))
+    for i, tile in enumerate(tiles):
+        sheet.paste(tile, ((i % 4) * (w + 4), (i // 4) * (h + 4)))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path

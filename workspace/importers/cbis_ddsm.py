@@ -45,6 +45,7 @@ from workspace.importers.common import (
     ImportReport,
     as_float,
     density_letter,
+    find_named,
     label_from_pathology,
     mask_geometry,
     normalise_birads,
@@ -57,7 +58,6 @@ TITLE = "CBIS-DDSM (TCIA DICOM folders + case description CSVs)"
 MASK_MISMATCH_POLICIES = ("rescale", "skip")
 
 CASE_RE = re.compile(r"^(Mass|Calc)-(Training|Test)_(P_\d+)_(LEFT|RIGHT)_(CC|MLO)(?:_(\d+))?$", re.IGNORECASE)
-CSV_RE = re.compile(r"^(mass|calc)_case_description_(train|test)_set\.csv$", re.IGNORECASE)
 
 _COLUMNS = {
     "patient_id": (), "breast density": ("breast_density",), "left or right breast": (),
@@ -259,9 +259,12 @@ def _write_mask_png(mask: np.ndarray, path: Path) -> None:
     tmp.replace(path)
 
 
+CSV_NAMES = tuple(f"{kind}_case_description_{split}_set.csv" for kind in ("mass", "calc") for split in ("train", "test"))
+
+
 def find_case_csvs(root: Path) -> list[Path]:
-    return [p for p in sorted(Path(root).rglob("*.csv")) if CSV_RE.match(p.name)
-            and len(p.relative_to(root).parts) <= 3]
+    """The case description CSVs in ``root`` or up to two folders down (as TCIA names them)."""
+    return find_named(Path(root), CSV_NAMES, max_depth=2)
 
 
 def looks_like(root: Path) -> bool:

@@ -439,6 +439,9 @@ def register_dicom_counted(ws, db, path: Path, report: ImportReport, **kwargs) -
     except MammoError as error:
         report.skip(path, "unreadable image", str(error))
         return None
+    except OSError as error:
+        report.skip(path, "unreadable image", f"cannot read file: {error.strerror or error}")
+        return None
     if image_count(db, kwargs["dataset"]) > before:
         report.images_new += 1
     else:

@@ -187,6 +187,8 @@ def import_dataset(ws, root: Path, *, db=None, dataset: str | None = None, **_op
     db = db if db is not None else open_catalog(ws)
     for image in progress(images, desc="VinDr-Mammo", unit="image"):
         path = base / "images" / image.study_id / f"{image.image_id}.dicom"
+        if not path.is_file() and path.with_suffix(".dcm").is_file():
+            path = path.with_suffix(".dcm")  # some mirrors rename the files
         if not path.is_file():
             report.skip(f"{image.study_id}/{image.image_id}", "image file missing", str(path))
             continue

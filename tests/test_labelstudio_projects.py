@@ -1,0 +1,193 @@
+"""Through the real Label Studio server: provisioning, predictions, the interactive endpoint, the webhook."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import requests
+
+from ml_backend import label_configs as lc
+from ml_backend import predictions as pr
+from ml_backend.provision import provision
+from ml_backend.rle import decode_mask
+
+pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def provisioned(labelstudio_server, ls_backend, ls_pipeline):
+    result = provision(ls_pipeline.ws, labelstudio_server, backend_url=ls_backend.url, title_suffix=" (projects test)",
+                       loaded=ls_pipeline.loaded, run=ls_pipeline.run)
+    return result
+
+
+def api(server, method, path, **kw):
+    response = requests.request(method, f"{server.url}{path}", headers={"Authorization": f"Token {server.token}"},
+                                timeout=120, **kw)
+    assert response.status_code < 300, response.text[:500]
+    return response.json() if response.content else None
+
+
+def tasks_of(server, project_id):
+    return api(server, "GET", "/api/tasks", params={"project": project_id, "page_size": 1000,
+                                                    "fields": "all"})["tasks"]
+
+
+def test_provisioning_makes_both_projects_once(provisioned, labelstudio_server, ls_backend, ls_pipeline):
+    from models.inference import read_mammogram
+
+    server, ws = labelstudio_server, ls_pipeline.ws
+    screening = provisioned.projects[lc.SCREENING]
+    review = provisioned.projects[lc.PATCH_REVIEW]
+    assert screening.tasks_total == len(ls_pipeline.image_ids)
+    n_suspicious = sum(len(read_mammogram(ws, i, ls_pipeline.loaded).suspicious) for i in ls_pipeline.image_ids)
+    assert review.tasks_total == n_suspicious > 0
+    project = api(server, "GET", f"/api/projects/{screening.project_id}")
+    assert project["label_config"].strip() == lc.SCREENING_CONFIG.strip()
+    assert project["title"] == "Screening reads (projects test)"
+    [backend] = api(server, "GET", "/api/ml", params={"project": screening.project_id})
+    assert backend["url"] == ls_backend.url and backend["is_interactive"] is True
+    [storage] = api(server, "GET", "/api/storages/localfiles", params={"project": screening.project_id})
+    assert storage["path"] == str((ws.root / "derived").resolve())
+    [hook] = [h for h in api(server, "GET", "/api/webhooks", params={"project": screening.project_id})
+              if h["project"] == screening.project_id]
+    assert hook["url"] == ls_backend.url + "/webhook"
+    # task data: pseudonymous ids, laterality and view, never patient identifiers
+    from workspace.catalog import open_catalog
+
+    secrets = {str(v) for r in open_catalog(ws).query("SELECT source_patient_id, patient_name FROM patients")
+               for v in r.values() if v}
+    for task in tasks_of(server, screening.project_id):
+        data = task["data"]
+        assert data["image_id"] in ls_pipeline.image_ids and data["laterality"] in ("L", "R") and data["view"]
+        assert data["image"].startswith("/data/local-files/?d=")
+        assert not any(s in json.dumps(data) for s in secrets)
+    # idempotent: a second run adds nothing and keeps the same projects
+    again = provision(ws, server, backend_url=ls_backend.url, title_suffix=" (projects test)",
+                      loaded=ls_pipeline.loaded, run=ls_pipeline.run)
+    assert {k: (p.project_id, p.tasks_added, p.ml_backend_id, p.storage_id, p.webhook_id)
+            for k, p in again.projects.items()} == \
+           {k: (p.project_id, 0, p.ml_backend_id, p.storage_id, p.webhook_id) for k, p in provisioned.projects.items()}
+    assert len(tasks_of(server, screening.project_id)) == screening.tasks_total
+    assert len(api(server, "GET", "/api/ml", params={"project": screening.project_id})) == 1
+
+
+def test_images_are_served_to_a_logged_in_reader(provisioned, labelstudio_server):
+    from io import BytesIO
+
+    from PIL import Image
+
+    from tests.test_labelstudio_server import login
+
+    server = labelstudio_server
+    session = login(server)
+    for kind in (lc.SCREENING, lc.PATCH_REVIEW):
+        task = tasks_of(server, provisioned.projects[kind].project_id)[0]
+        key = "patch" if kind == lc.PATCH_REVIEW else "image"
+        response = session.get(server.url + task["data"][key], timeout=30)
+        assert response.status_code == 200
+        with Image.open(BytesIO(response.content)) as image:
+            if kind == lc.PATCH_REVIEW:
+                assert list(image.size) == task["data"]["box"][2:]
+
+
+def test_predictions_retrieved_through_label_studio(provisioned, labelstudio_server, ls_pipeline):
+    from models.inference import read_mammogram
+    from workspace.catalog import get_image, open_catalog
+
+    server = labelstudio_server
+    project_id = provisioned.projects[lc.SCREENING].project_id
+    client = server.client()
+    client.actions.create(id="retrieve_tasks_predictions", project=project_id)
+    tasks = tasks_of(server, project_id)
+    assert all(t["predictions"] for t in tasks), "Label Studio stored no prediction (backend unreachable?)"
+    db = open_catalog(ls_pipeline.ws)
+    for task in tasks:
+        read = read_mammogram(ls_pipeline.ws, task["data"]["image_id"], ls_pipeline.loaded)
+        row = get_image(db, task["data"]["image_id"])
+        [prediction] = task["predictions"]
+        assert prediction["score"] == pytest.approx(read.image_score, abs=1e-5)
+        rects = [r for r in prediction["result"] if r["type"] == "rectanglelabels"]
+        assert len(rects) == len(read.suspicious)
+        for rect, i in zip(rects, read.suspicious, strict=True):
+            assert rect["value"]["x"] == pytest.approx(100 * read.boxes[i][0] / row["cols"])
+            assert rect["value"]["height"] == pytest.approx(100 * read.boxes[i][3] / row["rows"])
+            assert rect["score"] == pytest.approx(float(read.scores[i]), abs=1e-5)
+        [brush] = [r for r in prediction["result"] if r["type"] == "brushlabels"]
+        mask = decode_mask(brush["value"]["rle"], brush["original_width"], brush["original_height"])
+        x, y, w, h = read.boxes[int(np.argmax(read.scores))]
+        assert mask.any() == mask[y:y + h, x:x + w].any() and not mask.sum() > w * h  # inside the top patch
+
+
+def test_interactive_roi_through_label_studio_matches_the_query_engine(provisioned, labelstudio_server, ls_pipeline):
+    from models.inference import read_mammogram
+    from workspace.catalog import get_image, open_catalog
+    from workspace.concepts import ConceptStore
+    from workspace.query import query_image
+
+    server = labelstudio_server
+    project = provisioned.projects[lc.SCREENING]
+    task = tasks_of(server, project.project_id)[0]
+    image_id = task["data"]["image_id"]
+    row = get_image(open_catalog(ls_pipeline.ws), image_id)
+    read = read_mammogram(ls_pipeline.ws, image_id, ls_pipeline.loaded)
+    x, y, s = (int(v) for v in read.boxes[int(np.argmax(read.scores))][:3])
+    roi = np.zeros((row["rows"], row["cols"]), bool)
+    roi[y + s // 4:y + 3 * s // 4, x + s // 4:x + s // 2] = True
+    region = pr.brush(roi, label=lc.ROI_LABEL, to_name="image", from_name="roi", rid="drawn1")
+    answer = api(server, "POST", f"/api/ml/{project.ml_backend_id}/interactive-annotating",
+                 json={"task": task["id"], "context": {"result": [region]}})
+    assert "errors" not in answer, answer
+    data = answer["data"]
+    expected = query_image(ls_pipeline.ws, image_id, roi, ls_pipeline.loaded, ls_pipeline.run)
+    assert [u for u, _ in data["ranking"]] == [int(u) for u in expected.ranking[:len(data["ranking"])]]
+    shown = [pr.unit_of_region(r) for r in data["result"] if r["type"] == "brushlabels"]
+    aligned = [int(u) for u in expected.aligned]
+    assert shown == (aligned[:5] if aligned else [int(expected.ranking[0])])
+    with ConceptStore(ls_pipeline.ws) as store:
+        assert store.latest_query(image_id=image_id).query_id == data["query_id"]
+    # a bad ROI comes back as Label Studio's error list with our message
+    empty = pr.brush(np.zeros_like(roi), label=lc.ROI_LABEL, to_name="image", from_name="roi")
+    bad = api(server, "POST", f"/api/ml/{project.ml_backend_id}/interactive-annotating",
+              json={"task": task["id"], "context": {"result": [empty]}})
+    assert "ROI is empty" in bad["errors"][0]
+
+
+def test_submitted_annotation_reaches_the_webhook_and_labels_units(provisioned, labelstudio_server, ls_pipeline):
+    from workspace.catalog import get_image, open_catalog
+    from workspace.concepts import ConceptStore
+    from workspace.query import query_image
+
+    server = labelstudio_server
+    ws, run = ls_pipeline.ws, ls_pipeline.run
+    project = provisioned.projects[lc.SCREENING]
+    task = tasks_of(server, project.project_id)[1]
+    image_id = task["data"]["image_id"]
+    row = get_image(open_catalog(ws), image_id)
+    # an ROI equal to a unit's mask, so at least that unit is aligned
+    from models.inference import read_mammogram
+
+    read = read_mammogram(ws, image_id, ls_pipeline.loaded)
+    x, y, s = (int(v) for v in read.boxes[int(np.argmax(read.scores))][:3])
+    probe = np.zeros((row["rows"], row["cols"]), bool)
+    probe[y:y + s, x:x + s] = True
+    first = query_image(ws, image_id, probe, ls_pipeline.loaded, run)
+    unit = next(int(u) for u in first.ranking if first.mask_of(int(u)).any())
+    roi = first.mask_of(unit)
+    aligned = [int(u) for u in query_image(ws, image_id, roi, ls_pipeline.loaded, run).aligned]
+    result = [pr.brush(roi, label=lc.ROI_LABEL, to_name="image", from_name="roi", rid="sub1"),
+              {"id": "c1", "from_name": "new_concept", "to_name": "image", "type": "textarea",
+               "value": {"text": ["architectural distortion"]}}]
+    annotation = server.client().annotations.create(id=task["id"], result=result)
+    from workspace.catalog import open_catalog as reopen
+
+    [stored] = list(reopen(ws).query("SELECT * FROM ls_annotations WHERE annotation_id = ?", [annotation.id]))
+    assert stored["action"] == "ANNOTATION_CREATED" and stored["task_id"] == task["id"]
+    assert stored["project_id"] == project.project_id and stored["concept"] == "architectural distortion"
+    assert stored["reader"] == f"labelstudio:{server.username}"
+    assert sorted(json.loads(stored["roi"])["labelled_units"]) == sorted(aligned)
+    with ConceptStore(ws) as store:
+        labels = store.labels(run.model_digest, run.layer)
+    assert {labels[u].name for u in aligned} == {"architectural distortion"}
