@@ -17,7 +17,8 @@ from workspace.errors import MammoError
 UNLABELLED_COLOUR = "#b0b0b0"
 BASE_SIZE = 10
 ALIGNED_SIZE = 18
-SELECTED_LINE = "#111111"
+SELECTED_SIZE = 16
+SELECTED_LINE = "#ffffff"
 
 
 class PluginError(MammoError):
@@ -145,10 +146,10 @@ def scatter(points: MapPoints, selected: set[int] | None = None) -> tuple[list[d
             "ids": [str(u) for u in units], "text": text, "hovertemplate": "%{text}<extra></extra>",
             "marker": {
                 "color": points.colour[idx[0]],
-                "size": [ALIGNED_SIZE if u in points.aligned else BASE_SIZE for u in units],
+                "size": [SELECTED_SIZE + (4 if u in points.aligned else 0) if u in selected
+                         else ALIGNED_SIZE if u in points.aligned else BASE_SIZE for u in units],
                 "opacity": 0.9,
-                "line": {"width": [3 if u in selected else 0.5 for u in units],
-                         "color": [SELECTED_LINE if u in selected else "#ffffff" for u in units]},
+                "line": {"width": [2.5 if u in selected else 0 for u in units], "color": SELECTED_LINE},
             },
         })
     ev = points.explained_variance

@@ -202,10 +202,10 @@ def test_panel_lasso_then_label_in_one_action(fo_synced):
     label_btn = _find(rendered, "label_btn")
     assert label_btn["view"]["label"] == "Label 2 unit(s)" and not label_btn["view"]["disabled"]
     # a new concept typed in wins over the dropdown; inputs and selection are cleared after use
-    state.update(new_concept="Dense tissue", concept_choice="Calcification cluster")
+    state["labelling"] = {"new_concept": "Dense tissue", "concept_choice": "Calcification cluster"}
     _r, rendered, patches, _q = _panel(fo_synced.patches, "on_label", state=state)
-    assert patches["selected_units"] == [] and patches["new_concept"] is None
-    assert patches["concept_choice"] is None
+    assert patches["selected_units"] == []
+    assert patches["labelling.new_concept"] is None and patches["labelling.concept_choice"] is None
     with ConceptStore(fo_synced.ws) as store:
         labels = store.labels(fo_synced.run.model_digest, fo_synced.run.layer)
     assert labels[12].name == labels[13].name == "Dense tissue"

@@ -230,16 +230,14 @@ def normal_patch_positions(foreground: np.ndarray, size: int, step: int,
     rows, cols = foreground.shape
     if rows < size or cols < size:
         return []
-    integral = np.zeros((rows + 1, cols + 1), np.int64)
-    integral[1:, 1:] = np.cumsum(np.cumsum(foreground, axis=0, dtype=np.int64), axis=1)
-    ys = np.arange(0, rows - size + 1, step)
-    xs = np.arange(0, cols - size + 1, step)
-    yy, xx = np.meshgrid(ys, xs, indexing="ij")
-    total = integral[yy + size, xx + size] - integral[yy, xx + size] - integral[yy + size, xx] + integral[yy, xx]
     out = []
-    for y, x in zip(yy[total == size * size], xx[total == size * size], strict=True):
-        if all(r.area_in(int(x), int(y), size) == 0 for r in avoid):
-            out.append((int(x), int(y)))
+    for y in range(0, rows - size + 1, step):
+        for x in range(0, cols - size + 1, step):
+            if not (foreground[y, x] and foreground[y, x + size - 1] and foreground[y + size - 1, x]
+                    and foreground[y + size - 1, x + size - 1]):
+                continue  # a corner outside: cheap rejection before the full check
+            if foreground[y:y + size, x:x + size].all() and all(r.area_in(x, y, size) == 0 for r in avoid):
+                out.append((x, y))
     return out
 
 

@@ -43,6 +43,9 @@ _project_importable()
 from fiftyone_plugins import actions  # noqa: E402
 
 NEW_CONCEPT_HINT = "or type a new concept"
+# The inputs sit in the "labelling" row, so the App keeps their values under that key of the state.
+NEW_KEY = "labelling.new_concept"
+CHOICE_KEY = "labelling.concept_choice"
 
 
 def _context(ctx):
@@ -145,8 +148,7 @@ class NeuronMap(foo.Panel):
     # -- events
     def on_load(self, ctx):
         # Inputs persist across reloads: start clean, keep nothing half-typed.
-        ctx.panel.state.new_concept = None
-        ctx.panel.state.concept_choice = None
+        ctx.panel.state.set({NEW_KEY: None, CHOICE_KEY: None})
 
     def on_click_unit(self, ctx):
         unit = ctx.params.get("id")
@@ -173,7 +175,7 @@ class NeuronMap(foo.Panel):
     def on_label(self, ctx):
         state = ctx.panel.state
         units = list(state.selected_units or [])
-        concept = (state.new_concept or "").strip() or (state.concept_choice or "")
+        concept = (state.get(NEW_KEY) or "").strip() or (state.get(CHOICE_KEY) or "")
         try:
             changed = actions.label_units(_context(ctx), units, concept, by=actions.actor(ctx))
         except actions.MammoError as error:
@@ -204,9 +206,7 @@ class NeuronMap(foo.Panel):
 
     @staticmethod
     def _clear_inputs(ctx):
-        ctx.panel.state.selected_units = []
-        ctx.panel.state.new_concept = None
-        ctx.panel.state.concept_choice = None
+        ctx.panel.state.set({"selected_units": [], NEW_KEY: None, CHOICE_KEY: None})
 
     # -- layout
     def render(self, ctx):

@@ -27,10 +27,15 @@ def start_fiftyone_hook(ws):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ml_backend.stack import bring_up, describe
     from workspace.config import Workspace
 
-    ws = Workspace.open(args.workspace)
+    return bring_everything_up(Workspace.open(args.workspace), args)
+
+
+def bring_everything_up(ws, args: argparse.Namespace) -> int:
+    """Start the stack for ``ws`` with the service options of :func:`add_service_options`; block until Ctrl-C."""
+    from ml_backend.stack import bring_up, describe
+
     auth = (args.backend_user, args.backend_password) if args.backend_user and args.backend_password else None
     stack = bring_up(ws, ls_url=args.labelstudio_url, ls_token=args.labelstudio_token, ls_port=args.port,
                      backend_host=args.backend_host, backend_port=args.backend_port, backend_auth=auth,
@@ -58,6 +63,12 @@ def _run(args: argparse.Namespace) -> int:
 def add_parser(subparsers, parents) -> None:
     p = subparsers.add_parser("up", parents=parents, help="start Label Studio, the backend and FiftyOne; Ctrl-C stops",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_service_options(p)
+    p.set_defaults(func=_run)
+
+
+def add_service_options(p: argparse.ArgumentParser) -> None:
+    """The options of ``mammo up`` (shared with ``mammo demo``)."""
     p.add_argument("--port", type=int, help="Label Studio port (default 8080 when free)")
     p.add_argument("--backend-host", default="127.0.0.1",
                    help="address the backend binds (beyond 127.0.0.1 it needs --backend-user/--backend-password)")
@@ -68,4 +79,3 @@ def add_parser(subparsers, parents) -> None:
     p.add_argument("--labelstudio-url", help="use this existing Label Studio instead of starting one")
     p.add_argument("--labelstudio-token", help="its API token")
     p.add_argument("--no-fiftyone", action="store_true", help="do not start the FiftyOne App")
-    p.set_defaults(func=_run)
