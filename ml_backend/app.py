@@ -136,6 +136,8 @@ class Backend:
         self._patch_masks = _Lru(64)
         self._images = _Lru(256)
         self._forward_lock = threading.Lock()
+        self._labelstudio: tuple[str, str] | None = None
+        self._emails: dict[int, str | None] = {}
 
     # -- pieces of state ---------------------------------------------------------------------
     def image_row(self, image_id: str) -> dict:
@@ -350,6 +352,29 @@ class Backend:
                 "aligned": q["aligned"]}
 
     # -- /webhook ----------------------------------------------------------------------------
+    def remember_labelstudio(self, hostname: str | None, token: str | None) -> None:
+        """Label Studio's URL and a token, as ``/setup`` sends them (to name readers by email)."""
+        if hostname and token:
+            self._labelstudio = (str(hostname).rstrip("/"), str(token))
+
+    def reader_email(self, user_id: int) -> str | None:
+        """The email of a Label Studio user id (asked once, through the API), or None."""
+        if user_id in self._emails:
+            return self._emails[user_id]
+        if not getattr(self, "_labelstudio", None):
+            return None
+        import urllib.request
+
+        url, token = self._labelstudio
+        request = urllib.request.Request(f"{url}/api/users/{int(user_id)}", headers={"Authorization": f"Token {token}"})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                email = json.loads(response.read()).get("email") or None
+        except (OSError, ValueError):
+            return None
+        self._emails[user_id] = email
+        return email
+
     def webhook(self, payload: dict) -> dict:
         from ml_backend.webhook import handle_event
 
@@ -448,6 +473,7 @@ class BackendApp:
         return 200, handlers[path](_read_json(environ))
 
     def _setup(self, payload: dict) -> dict:
+        self.backend.remember_labelstudio(payload.get("hostname"), payload.get("access_token"))
         return {"model_version": self.backend.model_version}
 
     def backend_predict(self, payload: dict) -> dict:

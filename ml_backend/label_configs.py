@@ -58,7 +58,8 @@ _SIDE_PANEL = """
       <Choice value="{negative}"/>
     </Choices>
     <Header value="Report" size="5"/>
-    <TextArea name="report" toName="{target}" rows="10" editable="false" readonly="true"/>
+    <TextArea name="report" toName="{target}" rows="2" editable="false" maxSubmissions="1"
+              placeholder="the model's report appears here"/>
 """
 
 

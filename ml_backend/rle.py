@@ -26,19 +26,40 @@ class RleError(MammoError):
     """A brush RLE that cannot be decoded, or that does not fit the image it claims to cover."""
 
 
+def _pixel_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, values) of the runs of a 2-D bool mask flattened row-major, looking only at the rows
+    that hold a True pixel (a unit's mask covers a patch or two of a full mammogram)."""
+    height, width = mask.shape
+    n = height * width
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.uint8)
+    first, last = int(rows[0]) * width, (int(rows[-1]) + 1) * width
+    band = mask[rows[0]:rows[-1] + 1].ravel()
+    starts = [np.zeros(1, dtype=np.int64)]
+    if first > 0 and band[0]:
+        starts.append(np.array([first], dtype=np.int64))
+    starts.append(np.flatnonzero(band[1:] != band[:-1]).astype(np.int64) + 1 + first)
+    if last < n and band[-1]:
+        starts.append(np.array([last], dtype=np.int64))
+    starts = np.concatenate(starts)
+    inside = (starts >= first) & (starts < last)
+    values = np.zeros(starts.size, dtype=np.uint8)
+    values[inside] = band[starts[inside] - first].astype(np.uint8) * 255
+    return starts, values
+
+
 def encode_mask(mask: np.ndarray) -> list[int]:
     """A 2-D mask (bool or 0/255) as Label Studio brush RLE (a list of byte values)."""
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise RleError(f"a brush mask is 2-D, not of shape {mask.shape}")
-    flat = (mask.ravel() > 0).astype(np.uint8) * 255
-    n = flat.size
+    n = mask.size
     if n == 0:
         raise RleError("cannot encode an empty image")
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    starts = np.concatenate([[0], change])
+    starts, pixel_values = _pixel_runs(mask if mask.dtype == bool else mask > 0)
     lengths = np.diff(np.concatenate([starts, [n]])) * 4  # RGBA: every pixel is 4 equal values
-    values = flat[starts].astype(np.int64)
+    values = pixel_values.astype(np.int64)
     # runs longer than 2**16 become several 16-bit-field tokens of 2**16 each, then the remainder
     chunks = np.where(lengths > 65536, (lengths - 1) // 65536, 0)
     n_tok = chunks + 1
@@ -66,8 +87,9 @@ def encode_mask(mask: np.ndarray) -> list[int]:
     return np.packbits(stream).tolist()
 
 
-def decode_values(rle: list[int] | bytes | np.ndarray) -> np.ndarray:
-    """The flat uint8 values of a brush RLE (RGBA order); :class:`RleError` when malformed."""
+def decode_runs(rle: list[int] | bytes | np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """``(n_values, starts, values)`` of a brush RLE: runs of equal values (RGBA order); :class:`RleError`
+    when malformed."""
     try:
         data = np.asarray(rle, dtype=np.int64)
     except (TypeError, ValueError):
@@ -91,37 +113,53 @@ def decode_values(rle: list[int] | bytes | np.ndarray) -> np.ndarray:
     if num == 0:
         raise RleError("the brush RLE covers no pixels")
     pos = _HEADER_BITS
-    run_values: list[int] = []
-    run_lengths: list[int] = []
+    starts: list[int] = []
+    values: list[int] = []
     i = 0
     while i < num:
-        series = text[pos] == "1" if pos < total else None
-        if series is None:
+        if pos >= total:
             raise RleError(f"the brush RLE ends after {i} of its {num} values (truncated?)")
-        count = read(pos + 3, sizes[read(pos + 1, 2)]) + 1
-        pos += 3 + sizes[read(pos + 1, 2)]
+        series = text[pos] == "1"
+        field = sizes[read(pos + 1, 2)]
+        count = read(pos + 3, field) + 1
+        pos += 3 + field
         if series:
-            run_values.append(read(pos, word))
-            run_lengths.append(count)
+            starts.append(i)
+            values.append(read(pos, word))
             pos += word
         else:
-            for _ in range(count):
-                run_values.append(read(pos, word))
-                run_lengths.append(1)
+            for k in range(count):
+                starts.append(i + k)
+                values.append(read(pos, word))
                 pos += word
         i += count
     if i != num:
         raise RleError(f"the brush RLE's runs cover {i} values, its header says {num}")
-    return np.repeat(np.asarray(run_values, dtype=np.uint8), run_lengths)
+    return num, np.asarray(starts, dtype=np.int64), np.asarray(values, dtype=np.int64)
+
+
+def decode_values(rle: list[int] | bytes | np.ndarray) -> np.ndarray:
+    """The flat uint8 values of a brush RLE (RGBA order)."""
+    num, starts, values = decode_runs(rle)
+    return np.repeat(values.astype(np.uint8), np.diff(np.concatenate([starts, [num]])))
 
 
 def decode_mask(rle: list[int] | bytes | np.ndarray, width: int, height: int) -> np.ndarray:
     """A brush RLE as a bool mask of shape (height, width) (alpha channel >= 128)."""
-    values = decode_values(rle)
-    if values.size != width * height * 4:
-        raise RleError(f"the brush RLE holds {values.size // 4} pixels, but the image is {width} x {height} "
+    num, starts, values = decode_runs(rle)
+    if num != width * height * 4:
+        raise RleError(f"the brush RLE holds {num // 4} pixels, but the image is {width} x {height} "
                        f"({width * height} pixels)")
-    return values.reshape(height, width, 4)[:, :, 3] >= 128
+    ends = np.concatenate([starts[1:], [num]])
+    on = values >= 128
+    # pixel p's alpha is value 4p + 3: the pixels whose alpha lies in [start, end)
+    first_pixel = -((3 - starts[on]) // 4)     # ceil((start - 3) / 4)
+    last_pixel = (ends[on] - 4) // 4            # floor((end - 4) / 4)
+    flat = np.zeros(width * height, dtype=bool)
+    for a, b in zip(first_pixel.tolist(), last_pixel.tolist(), strict=True):
+        if b >= a:
+            flat[a:b + 1] = True
+    return flat.reshape(height, width)
 
 
-__all__ = ["RleError", "encode_mask", "decode_values", "decode_mask"]
+__all__ = ["RleError", "encode_mask", "decode_runs", "decode_values", "decode_mask"]

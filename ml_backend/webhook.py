@@ -35,14 +35,18 @@ ANNOTATION_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
 DELETE_ACTION = "ANNOTATIONS_DELETED"
 
 
-def reader_of(annotation: dict) -> str:
-    """Who submitted: ``labelstudio:<email>`` when Label Studio says, else ``labelstudio:user-<id>``."""
+def reader_of(annotation: dict, backend: Backend | None = None) -> str:
+    """Who submitted: ``labelstudio:<email>`` when known (in the event, or asked from Label Studio with
+    the URL and token its ``/setup`` gave), else ``labelstudio:user-<id>``."""
     who = annotation.get("completed_by")
     if isinstance(who, dict):
         if who.get("email"):
             return f"labelstudio:{who['email']}"
         who = who.get("id")
-    return f"labelstudio:user-{who}" if who is not None else "labelstudio:unknown"
+    if who is None:
+        return "labelstudio:unknown"
+    email = backend.reader_email(int(who)) if backend is not None and str(who).isdigit() else None
+    return f"labelstudio:{email}" if email else f"labelstudio:user-{who}"
 
 
 def _id(value: Any) -> int | None:
@@ -113,7 +117,7 @@ def handle_event(backend: Backend, payload: dict) -> dict:
     if not isinstance(results, list):
         raise RequestError("the annotation's result is not a list", code="bad_event")
     info = _config_info(payload, task)
-    reader = reader_of(annotation)
+    reader = reader_of(annotation, backend)
     answers = submitted(results)
     image_id = (task.get("data") or {}).get("image_id")
     roi_record: dict[str, Any] | None = None

@@ -8,9 +8,11 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -84,14 +86,15 @@ class PatchData:
         if not rows:
             raise MammoError(f"patch set {name!r} is empty")
         db = open_catalog(ws)
-        images = {r["image_id"]: r for r in db.query("SELECT image_id, patient_id, source_path FROM images")}
+        images = {r["image_id"]: r for r in db.query("SELECT image_id, patient_id, source_path, rows, cols FROM images")}
         array_index = np.array([r["array_index"] for r in rows], dtype=np.int64)
 
         def fetch(positions: np.ndarray) -> torch.Tensor:
             return patch_set.batch(array_index[positions])
 
         origins = [synthetic_origin(images[r["image_id"]]["source_path"]) for r in rows]
-        info: dict[str, Any] = {"patch_set": name}
+        shapes = {tuple(images[r["image_id"]][k] for k in ("rows", "cols")) for r in rows}
+        info: dict[str, Any] = {"patch_set": name, "image_shape": list(shapes.pop()) if len(shapes) == 1 else None}
         known = [o for o in origins if o is not None]
         if known:
             info["synthetic"] = {"seeds": sorted({o[0] for o in known}),
@@ -117,6 +120,7 @@ class PatchData:
         patches = [[int(self.origins[i][1]), self.origins[i][2], int(self.boxes[i][0]), int(self.boxes[i][1]),
                     int(self.labels[i])] for i in idx]
         return {"split": split, "generator": "workspace.synth", "seed": seeds.pop(), "size": self.size,
+                "image_shape": self.info.get("image_shape"),
                 "columns": ["patient", "image_key", "x", "y", "label"], "patches": patches,
                 "pixel_digest": pixel_digest(self, idx)}
 
@@ -139,49 +143,45 @@ def pixel_digest(data: PatchData, positions: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
-def rebuild_recorded_split(ws: Any, recorded: dict, *, birads0_fraction: float = 0.5,
-                           variants: bool = True) -> PatchData:
-    """Rebuild a recorded synthetic split (see :meth:`PatchData.recorded_split`) in workspace ``ws``.
+def rebuild_recorded_split(recorded: dict, *, birads0_fraction: float = 0.5, variants: bool = True,
+                           folder: str | os.PathLike | None = None) -> PatchData:
+    """Rebuild a recorded synthetic split (see :meth:`PatchData.recorded_split`) from the generator alone.
 
-    Only the images that hold a recorded patch are generated (patient ``k`` depends only on
-    (seed, k)), written as DICOM and imported through the normal reader path; the patches are cut from
-    their model pixels. The result holds the patches in the recorded order, all in ``recorded["split"]``.
+    Only the images that hold a recorded patch are drawn (patient ``k`` depends only on (seed, k)); each is
+    written as a DICOM file (in ``folder``, default a temporary one) and read back through
+    :func:`workspace.dicom_io.read_dicom` in its normalised orientation, exactly as ingest reads it; the
+    patches are cut from those model pixels, in the recorded order and all in ``recorded["split"]``.
+    Compare :func:`pixel_digest` of the result with ``recorded["pixel_digest"]`` to know the generator
+    still draws the same pixels.
     """
-    from workspace import ingest, synth
-    from workspace.catalog import get_image, open_catalog
+    import tempfile
+
+    from workspace import dicom_io, synth
     from workspace.progress import progress
 
-    db = open_catalog(ws)
-    seed, size = int(recorded["seed"]), int(recorded["size"])
+    seed, size, shape = int(recorded["seed"]), int(recorded["size"]), recorded.get("image_shape")
     by_image: dict[tuple[int, str], list[int]] = {}
     for i, (patient, key, *_rest) in enumerate(recorded["patches"]):
         by_image.setdefault((int(patient), str(key)), []).append(i)
     n = len(recorded["patches"])
     pixels = np.zeros((n, size, size), dtype=np.uint16)
     groups = np.empty(n, dtype=object)
-    for (patient, key), members in progress(sorted(by_image.items()), desc="rebuilding test images", unit="image"):
-        plan = synth.plan_patient(seed, patient, birads0_fraction=birads0_fraction, variants=variants)
-        path = synth.dicom_path(ws, seed, patient, key)
-        stored = ingest.stored_path(ws, path)
-        found = db.execute("SELECT image_id FROM images WHERE source_path = ?", [stored]).fetchone()
-        if found:
-            image_id = found[0]
-        else:
-            image = synth.make_image(plan, key)
-            path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        for (patient, key), members in progress(sorted(by_image.items()), desc="rebuilding images", unit="image"):
+            plan = synth.plan_patient(seed, patient, birads0_fraction=birads0_fraction, variants=variants)
+            image = synth.make_image(plan, key, tuple(shape) if shape else synth.FULL_SHAPE)
+            path = Path(tmp) / f"{patient}-{key}.dcm"
             synth.write_dicom(path, plan, image)
-            image_id = ingest.register_dicom(ws, db, path, dataset=synth.DATASET, patient_source_id=plan.patient_id,
-                                             birads=image.birads, label=image.label, density=plan.density)
-        model = ingest.load_model_pixels(ws, get_image(db, image_id))
-        for i in members:
-            x, y = int(recorded["patches"][i][2]), int(recorded["patches"][i][3])
-            pixels[i] = np.rint(np.clip(model[y:y + size, x:x + size], 0, 1) * 65535).astype(np.uint16)
-            groups[i] = f"seed{seed}-patient{patient}"
+            model = dicom_io.read_dicom(path, orientation=(image.flip_h, image.flip_v)).model_pixels()
+            path.unlink()
+            for i in members:
+                x, y = int(recorded["patches"][i][2]), int(recorded["patches"][i][3])
+                pixels[i] = np.rint(np.clip(model[y:y + size, x:x + size], 0, 1) * 65535).astype(np.uint16)
+                groups[i] = f"seed{seed}-patient{patient}"
     labels = np.array([int(p[4]) for p in recorded["patches"]], dtype=np.int64)
-    data = PatchData.from_arrays(pixels, labels, [recorded["split"]] * n, groups.astype(str),
-                                 name=f"recorded-{recorded['split']}")
-    data.info = {"rebuilt_from": "recorded split", "seed": seed}
-    return data
+    return PatchData.from_arrays(pixels, labels, [recorded["split"]] * n, groups.astype(str),
+                                 name=f"recorded-{recorded['split']}", info={"rebuilt_from": "recorded split",
+                                                                              "seed": seed})
 
 
 __all__ = ["PatchData", "synthetic_origin", "pixel_digest", "rebuild_recorded_split"]

@@ -237,5 +237,31 @@ def write_report(path: str | Path, metrics: dict, extra: dict | None = None) -> 
     return path
 
 
-__all__ = ["score_patches", "roc_auc", "bootstrap_auc_ci", "sensitivity_specificity", "choose_operating_point",
+def reproduce_recorded_test(loaded: Any, *, n_resamples: int = DEFAULT_BOOTSTRAP, seed: int = 0,
+                            folder: str | Path | None = None, tolerance: float = 1e-3) -> dict:
+    """Redraw the checkpoint's recorded synthetic test patches and evaluate at its stored operating point.
+
+    Returns the metrics, the recorded and reproduced test AUC, whether the redrawn pixels are identical
+    (``pixels_match``) and whether the AUC is reproduced within ``tolerance`` (``reproduced``)."""
+    from models.data import pixel_digest, rebuild_recorded_split
+
+    recorded = (loaded.meta.get("data") or {}).get("recorded_test")
+    if not recorded:
+        raise ModelError(f"{loaded.path.name} records no synthetic test split to reproduce")
+    data = rebuild_recorded_split(recorded, folder=folder)
+    positions = np.arange(len(data))
+    scores = score_patches(loaded, data, positions, desc="scoring test")
+    labels, groups = data.labels, data.groups
+    metrics = evaluate_scores({"test": labels}, {"test": scores}, {"test": groups},
+                              operating_point=loaded.meta.get("operating_point") or
+                              {"threshold": 0.5, "rule": "fixed:0.5", "chosen_on": "default"},
+                              n_resamples=n_resamples, seed=seed)
+    recorded_auc = float(loaded.meta["metrics"]["test"]["auc"])
+    auc = metrics["test"]["auc"]
+    return {"metrics": metrics, "auc": auc, "recorded_auc": recorded_auc,
+            "pixels_match": pixel_digest(data, positions) == recorded["pixel_digest"],
+            "reproduced": abs(auc - recorded_auc) <= tolerance, "scores": scores, "labels": labels}
+
+
+__all__ = ["reproduce_recorded_test", "score_patches", "roc_auc", "bootstrap_auc_ci", "sensitivity_specificity", "choose_operating_point",
            "evaluate_scores", "evaluate_model", "plot_roc", "summary_lines", "write_report"]

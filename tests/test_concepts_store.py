@@ -161,6 +161,10 @@ def test_remove_by_units_and_by_concept(store):
         (2, "mass", "b"), (4, "calcification", "b"), (5, "calcification", "b")]
     with pytest.raises(ConceptError, match="say which labels"):
         store.remove_labels(MODEL, LAYER, by="b", source="cli")
+    # an index the layer does not have (16 units in its run) is refused, and nothing is removed
+    with pytest.raises(ConceptError, match=r"unknown unit 16: layer features.29 has units 0\.\.15"):
+        store.remove_labels(MODEL, LAYER, [1, 16], by="b", source="cli")
+    assert sorted(store.labels(MODEL, LAYER)) == [1, 3] and len(store.history()) == 8
 
 
 def test_history_is_append_only(store, ws):
@@ -219,6 +223,11 @@ def test_roi_queries_recorded_and_labels_point_to_them(store):
     assert {r.query_id for r in store.label_rows(MODEL, LAYER)} == {qid}
     assert {e.query_id for e in store.history()} == {qid}
     assert store.latest_query(model_digest="other") is None
+    # a label cannot claim to come from a query about another model's (or layer's) units
+    with pytest.raises(ConceptError, match=f"ROI query {qid} asked model {MODEL} layer {LAYER}, not model "
+                                           "m2 layer conv5"):
+        store.label_units("m2", "conv5", [1], "mass", by="alice", source="api", n_units=4, query_id=qid)
+    assert store.labels("m2", "conv5") == {}
 
 
 def test_roi_encoding_round_trips():

@@ -205,7 +205,7 @@ def test_panel_lasso_then_label_in_one_action(fo_synced):
     state["labelling"] = {"new_concept": "Dense tissue", "concept_choice": "Calcification cluster"}
     _r, rendered, patches, _q = _panel(fo_synced.patches, "on_label", state=state)
     assert patches["selected_units"] == []
-    assert patches["labelling.new_concept"] is None and patches["labelling.concept_choice"] is None
+    assert patches["labelling.new_concept"] == "" and patches["labelling.concept_choice"] is None
     with ConceptStore(fo_synced.ws) as store:
         labels = store.labels(fo_synced.run.model_digest, fo_synced.run.layer)
     assert labels[12].name == labels[13].name == "Dense tissue"
@@ -224,3 +224,28 @@ def test_panel_on_a_foreign_dataset_says_what_to_do(fo_db):
     other = fo.Dataset()
     _r, rendered, _p, _q = _panel(other, "on_load")
     assert "mammo fiftyone sync" in str(rendered)
+
+
+def test_panel_report_view_for_the_selected_patch(fo_synced):
+    import fiftyone.operators as foo
+    from fiftyone import ViewField as F
+
+    with ConceptStore(fo_synced.ws) as store:
+        store.label_units(fo_synced.run.model_digest, fo_synced.run.layer, [3, 4], "Report concept",
+                          by="t", source="api", n_units=16)
+        store.record_query(fo_synced.run.model_digest, fo_synced.run.layer, roi=np.ones((4, 4), bool),
+                           ranking=[(3, 0.6), (4, 0.2)], aligned=[3, 4], iou_threshold=0.2,
+                           asked_by="reader-1", source="labelstudio", image_id="I-standin")
+    sample = fo_synced.patches.match(F("patch_id") == 1003).first()
+    params = {"__method__": "on_change_selected", "panel_id": "p", "panel_state": {}}
+    result = foo.execute_operator(PANEL, dataset=fo_synced.patches, selected=[sample.id], params=params)
+    rendered = [r["params"]["output"] for r in result.executor.to_json()["requests"]
+                if r["operator_uri"].endswith("show_panel_output")][-1]
+    assert "patch 1003" in str(_find(rendered, "report_title"))
+    bars = _find(rendered, "report_0")["view"]["data"][0]
+    row = bars["y"].index("Report concept (2)")
+    acts = np.asarray(fo_synced.run.max_activations)[[3, 4], 3]
+    thr = np.asarray(fo_synced.run.thresholds)[[3, 4]]
+    assert bars["x"][row] == pytest.approx(float(np.mean(acts / thr)), rel=1e-5)
+    iou_bars = _find(rendered, "report_1")["view"]["data"][0]
+    assert iou_bars["x"][iou_bars["y"].index("Report concept (2)")] == pytest.approx(0.4)

@@ -58,6 +58,9 @@ def _check_round_trip(ws, truth, report):
                 assert np.array_equal(stored, want["mask"])
                 assert got["geometry"]["bbox"] == want["bbox"] and got["geometry"]["area"] == want["area"]
             assert got["mask_path"].startswith("derived/masks/") and row["image_id"] in got["mask_path"]
+    # derived files are named by pseudonyms only (the CBIS patient ids are in the case folder names)
+    derived = [p.name for p in (ws.root / "derived").rglob("*") if p.is_file()]
+    assert derived and not [n for n in derived if any(im["patient"] in n for im in truth["images"])]
 
 
 @pytest.mark.parametrize("layout", CBIS_LAYOUTS)
@@ -144,3 +147,54 @@ def test_missing_files_are_skipped_and_the_rest_imported(ws, cbis_folder):
     assert report.lesions_new == sum(len(im["lesions"]) for im in truth["images"][1:]) - 1
     text = report.to_text()
     assert f"{first['case']} abnormality 1" in text and "no full mammogram DICOM" in text
+
+
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_unreadable_mask_or_crop_and_a_bad_csv_row_do_not_stop_the_import(ws, tmp_path):
+    root = tmp_path / "cbis"
+    truth = build_cbis(root, layout="nbia-descriptive")
+    first, second = truth["images"][0], truth["images"][1]
+    case_dir = root / "CBIS-DDSM"
+    _truncate(next((case_dir / f"{first['case']}_1").rglob("*ROI mask images*/1-1.dcm")))   # its mask: cut
+    _truncate(next((case_dir / f"{second['case']}_1").rglob("*cropped images*/1-1.dcm")))   # only its crop: cut
+    csv_path = root / truth["csvs"][0]
+    rows = list(csv.reader(open(csv_path, newline="")))
+    rows.append(list(rows[1]))
+    rows[-1][rows[0].index("pathology")] = "MAYBE"                                         # one bad row
+    with open(csv_path, "w", newline="") as stream:
+        csv.writer(stream).writerows(rows)
+    report = cbis_ddsm.import_dataset(ws, root)
+    assert report.skip_counts() == {"unreadable ROI mask": 1, "unreadable CSV row": 1}, report.to_text()
+    assert (f"{first['case']} abnormality 1", "unreadable ROI mask") in [(w, r) for w, r, _ in report.skipped]
+    assert "pixels cannot be read" in report.to_text() and "pathology 'MAYBE'" in report.to_text()
+    n_lesions = sum(len(im["lesions"]) for im in truth["images"])
+    assert (report.images_new, report.lesions_new) == (len(truth["images"]), n_lesions - 1)
+
+
+def test_reimport_with_a_changed_mask_keeps_the_stored_lesion(ws, cbis_folder):
+    """A corrected mask on re-import adds a lesion; the mask file of the lesion already stored is kept."""
+    root, truth = cbis_folder
+    cbis_ddsm.import_dataset(ws, root)
+    db = open_catalog(ws)
+    image = truth["images"][0]
+    row = catalog_image(ws, db, image["file"])
+    (old,) = [le for le in catalog_lesions(db, row["image_id"]) if le["attributes"]["abnormality_id"] == 1]
+    old_mask = np.asarray(Image.open(resolve_path(ws, old["mask_path"]))) > 127
+    mask_file = next(f for f in (root / "CBIS-DDSM" / f"{image['case']}_1").rglob("*.dcm")
+                     if cbis_ddsm.is_binary(pydicom.dcmread(f).pixel_array))
+    ds = pydicom.dcmread(mask_file)
+    pixels = ds.pixel_array.copy()
+    ys, xs = np.nonzero(pixels)
+    pixels[ys[: len(ys) // 2], xs[: len(xs) // 2]] = 0                                    # a smaller lesion
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(mask_file)
+    again = cbis_ddsm.import_dataset(ws, root)
+    assert (again.images_new, again.lesions_new) == (0, 1)
+    lesions = [le for le in catalog_lesions(db, row["image_id"]) if le["attributes"]["abnormality_id"] == 1]
+    assert len(lesions) == 2 and lesions[0]["mask_path"] != lesions[1]["mask_path"]
+    assert np.array_equal(np.asarray(Image.open(resolve_path(ws, old["mask_path"]))) > 127, old_mask)
+    assert np.array_equal(old_mask, image["lesions"][0]["mask"])

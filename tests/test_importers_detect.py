@@ -86,3 +86,7 @@ def test_cli_mask_mismatch_option(tmp_path, capsys):
                  "--workspace", str(tmp_path / "ws")]) == 0
     out = capsys.readouterr().out
     assert f"{n_lesions - 1} lesions" in out and "1 x mask size mismatch" in out
+    # the option on a format that has no masks is said, not silently ignored
+    assert main(["import", str(root), "--format", "vindr", "--mask-mismatch", "skip",
+                 "--workspace", str(tmp_path / "ws2")]) == 1
+    assert "--mask-mismatch applies to CBIS-DDSM" in capsys.readouterr().err

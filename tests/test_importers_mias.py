@@ -16,7 +16,9 @@ from workspace.ingest import load_model_pixels, resolve_path
 
 
 def _row_of(db, ws, ref):
-    rows = [dict(r) for r in db.query("SELECT * FROM images") if resolve_path(ws, r["source_path"]).stem == ref]
+    # the converted DICOM is named mdbNNN_<digest of the PGM>.dcm
+    rows = [dict(r) for r in db.query("SELECT * FROM images")
+            if resolve_path(ws, r["source_path"]).stem.split("_")[0] == ref]
     assert len(rows) == 1
     return rows[0]
 
@@ -36,6 +38,7 @@ def test_round_trip(ws, mias_folder):
             (expected["laterality"], "MLO", expected["label"], 1024, 1024)
         assert (row["pixel_spacing_row"], row["pixel_spacing_col"], row["bits_stored"]) == (0.2, 0.2, 8)
         assert row["birads"] is None and row["density"] is None
+        assert row["split"] in ("train", "val", "test") and row["split"] == patient["split"]  # by film pair
         # the converted file holds the PGM's pixels exactly, and the model reads it like any image
         source = resolve_path(ws, row["source_path"])
         assert source.is_relative_to(ws.dicom_dir)
@@ -73,6 +76,30 @@ def test_reimport_is_idempotent(ws, mias_folder):
     before = counts(db)
     again = mias.import_dataset(ws, root)
     assert counts(db) == before and (again.images_new, again.lesions_new) == (0, 0)
+
+
+def test_changed_film_is_added_and_the_stored_one_kept(ws, mias_folder):
+    """Re-importing after a PGM changed (a corrected copy) must not overwrite the DICOM an image already
+    in the catalog is read from: the old image still reads its own pixels, the new one is added."""
+    root, truth = mias_folder
+    mias.import_dataset(ws, root)
+    db = open_catalog(ws)
+    first = truth["images"][0]
+    old_row = _row_of(db, ws, first["ref"])
+    changed = first["pixels"].copy()
+    changed[:100] = 0
+    write_pgm(root / f"{first['ref']}.pgm", changed)
+    again = mias.import_dataset(ws, root)
+    assert (again.images_new, again.images_existing) == (1, len(truth["images"]) - 1)
+    rows = [dict(r) for r in db.query("SELECT * FROM images")
+            if resolve_path(ws, r["source_path"]).stem.split("_")[0] == first["ref"]]
+    assert len(rows) == 2 and old_row in rows
+    new_row = next(r for r in rows if r["image_id"] != old_row["image_id"])
+    assert np.array_equal(read_dicom(resolve_path(ws, old_row["source_path"]), orientation=(False, False))
+                          .stored_pixels, first["pixels"])
+    assert np.array_equal(read_dicom(resolve_path(ws, new_row["source_path"]), orientation=(False, False))
+                          .stored_pixels, changed)
+    assert load_model_pixels(ws, old_row).shape == (1024, 1024)  # still readable: its file is untouched
 
 
 def test_missing_info_bad_pgm_and_unlisted_files(ws, mias_folder):

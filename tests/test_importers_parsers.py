@@ -146,6 +146,15 @@ def test_cbis_bad_values_are_named(tmp_path):
     path.write_text(header + "P_1,2,LEFT,CC,1,mass,4,MAYBE,a/b.dcm,c/d.dcm\n")
     with pytest.raises(ImporterError, match=r"line 2: pathology 'MAYBE'"):
         cbis_ddsm.read_case_csv(path)
+    # with a report (as an import reads it) the bad row is skipped with its reason, the others read
+    path.write_text(header + "P_1,2,LEFT,CC,1,mass,4,MAYBE,a/b.dcm,c/d.dcm\n"
+                    "P_2,2,LEFT,CC,1,tumour,4,BENIGN,e/f.dcm,g/h.dcm\n"
+                    "P_3,2,RIGHT,MLO,1,mass,4,BENIGN,i/j.dcm,k/l.dcm\n")
+    report = ImportReport("t")
+    assert [c.patient_id for c in cbis_ddsm.read_case_csv(path, report)] == ["P_3"]
+    assert [(w, r) for w, r, _ in report.skipped] == [(f"{path.name} line 2", "unreadable CSV row"),
+                                                     (f"{path.name} line 3", "unreadable CSV row")]
+    assert "abnormality type 'tumour'" in report.skipped[1][2]
     path.write_text(header.replace(",pathology", "") + "P_1,2,LEFT,CC,1,mass,4,a/b.dcm,c/d.dcm\n")
     with pytest.raises(ImporterError, match=r"lacks the column\(s\) 'pathology'"):
         cbis_ddsm.read_case_csv(path)
@@ -206,6 +215,16 @@ def test_inbreast_bad_xml(tmp_path):
     bad.write_text("<plist><dict><key>Images</key>")
     with pytest.raises(ImporterError, match="not an OsiriX ROI plist"):
         inbreast.read_rois(bad)
+    import plistlib
+
+    for document, message in [({"Images": ["not a dict"]}, "without a list of ROI dictionaries"),
+                              ({"Images": [{"ROIs": [{"Name": "Mass", "Point_px": "(1, 2)"}]}]},
+                               "Point_px is not a list"),
+                              ({"Images": [{"ROIs": [{"Name": "Mass", "Point_px": ["1; 2"]}]}]},
+                               "ROI 'Mass': not an '\\(x, y\\)' point")]:
+        bad.write_bytes(plistlib.dumps(document))
+        with pytest.raises(ImporterError, match=message):
+            inbreast.read_rois(bad)
 
 
 # -- mini-MIAS -----------------------------------------------------------------------------------

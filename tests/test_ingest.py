@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,11 +79,30 @@ def test_register_dicom_labels_split_and_extra(ws, db, dicom_writer):
     benign = register_dicom(ws, db, dicom_writer("c.dcm", breast_phantom(seed=5)), dataset="synthetic",
                             birads="2")
     assert get_image(db, benign)["label"] == 0
+    # one BI-RADS rule everywhere (the importers' too): 3 to 6 carry a finding, so label 1
+    suspicious = register_dicom(ws, db, dicom_writer("s.dcm", breast_phantom(seed=7)), dataset="synthetic",
+                                birads="4A")
+    assert (get_image(db, suspicious)["birads"], get_image(db, suspicious)["label"]) == ("4A", 1)
     with pytest.raises(CatalogError, match="not settable"):
         register_dicom(ws, db, dicom_writer("d.dcm", breast_phantom(seed=6)), dataset="synthetic",
                        extra={"colour": "red"})
     with pytest.raises(DicomReadError):
         register_dicom(ws, db, ws.root / "catalog.sqlite", dataset="synthetic")
+    # a path that is not a readable file is the same one-line error, not an OSError
+    for missing in (ws.root / "gone.dcm", ws.root):
+        with pytest.raises(DicomReadError, match="cannot read file"):
+            register_dicom(ws, db, missing, dataset="synthetic")
+
+
+def test_a_patient_keeps_one_split(ws, db, dicom_writer):
+    """No patient in two splits: a later image asked into another split keeps the patient's, with a warning."""
+    first = register_dicom(ws, db, dicom_writer("1.dcm", breast_phantom(seed=1)), dataset="d",
+                           patient_source_id="pat-9", split="train")
+    second = register_dicom(ws, db, dicom_writer("2.dcm", breast_phantom(seed=2)), dataset="d",
+                            patient_source_id="pat-9", split="test")
+    assert get_image(db, first)["split"] == get_image(db, second)["split"] == "train"
+    assert "asked for 'test'" in json.loads(get_image(db, second)["warnings"])[0]
+    assert get_image(db, first)["warnings"] is None
 
 
 def test_model_pixels_and_foreground_load_back(ws, db, dicom_writer):
@@ -187,6 +207,22 @@ def test_regions_map_back_to_original_coordinates(ws, db, dicom_writer):
     assert (nx, ny, nw, nh) == (64 - 40 - 10, 30, 10, 8)
     pixels = load_model_pixels(ws, row)
     assert np.allclose(pixels[ny:ny + nh, nx:nx + nw], right[30:38, 40:50][:, ::-1] / 4095, atol=1e-6)
+
+
+def test_real_third_party_file_is_imported(ws, tmp_path):
+    """pydicom-data's RG3_J2KR.dcm (a real CR file: JPEG 2000 lossless, MONOCHROME1, 1760 x 1760) through
+    the whole import: registered with a "not MG" warning, display PNG equal to the reader's view."""
+    import data_store  # the pydicom-data package (dev dependency): files on disk, nothing downloaded
+
+    source = Path(data_store.__file__).parent / "data" / "RG3_J2KR.dcm"
+    summary = import_folder(ws, source)
+    assert len(summary.imported) == 1 and not summary.skipped
+    assert summary.warnings == [("RG3_J2KR.dcm", "modality is CR, not MG")]
+    row = get_image(open_catalog(ws), summary.imported[0])
+    assert (row["rows"], row["cols"], row["photometric"], row["bits_stored"]) == (1760, 1760, "MONOCHROME1", 10)
+    assert row["transfer_syntax"] == "1.2.840.10008.1.2.4.90"
+    display = np.asarray(Image.open(ws.root / row["display_path"]))
+    assert np.array_equal(display, read_dicom(source).display_pixels())
 
 
 def test_cli_import_and_images(tmp_path, mixed_dicom_folder, capsys):

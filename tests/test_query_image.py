@@ -158,7 +158,7 @@ def test_query_on_a_read_reuses_its_maps_without_a_second_forward_pass(dissected
     np.testing.assert_array_equal(result.iou, expect_inter / expect_union)
     # the read's float16 maps are the model's maps at that patch (to float16 rounding)
     bx, by, s, _ = read.boxes[result.patches[0]]
-    from workspace.dicom_io import load_model_pixels
+    from workspace.ingest import load_model_pixels
 
     pixels = load_model_pixels(ws, image)
     fresh = patch_maps(loaded, torch.from_numpy(np.ascontiguousarray(pixels[by:by + s, bx:bx + s])))
@@ -183,7 +183,7 @@ def test_mammo_query_cli(dissected, tmp_path, capsys):
     import json
 
     data = json.loads(capsys.readouterr().out)
-    assert data["roi_area"] == 150 * 200 and len(data["ranking"]) == 5 and data["run_id"] == run.run_id
+    assert data["roi_area"] + data["roi_pixels_outside"] == 150 * 200 and len(data["ranking"]) == 5 and data["run_id"] == run.run_id
 
     assert main([*base, "--roi", "0,0,0,10"]) == 1
     assert "empty" in capsys.readouterr().err

@@ -330,6 +330,7 @@ class ConceptStore:
         raise ConceptError(f"the concept store {path} stayed busy; try again ({last})")
 
     def close(self) -> None:
+        """Close this store's connection (the store cannot be used afterwards)."""
         self._conn.close()
 
     def __enter__(self) -> ConceptStore:
@@ -435,6 +436,7 @@ class ConceptStore:
         return found
 
     def find_concept(self, name_or_id: str | int) -> Concept | None:
+        """A concept by name (any case/spacing) or id, or None when there is none."""
         with self._lock:
             return self._find(self._conn, name_or_id)
 
@@ -530,9 +532,15 @@ class ConceptStore:
             if bad:
                 shown = ", ".join(map(str, bad[:5])) + ("..." if len(bad) > 5 else "")
                 raise ConceptError(f"unknown unit {shown}: layer {scope.layer} has units 0..{scope.n_units - 1}")
-            if query_id is not None and conn.execute(
-                    "SELECT 1 FROM roi_queries WHERE query_id = ?", [query_id]).fetchone() is None:
-                raise ConceptError(f"no ROI query {query_id}")
+            if query_id is not None:
+                asked = conn.execute("SELECT model_digest, layer FROM roi_queries WHERE query_id = ?",
+                                     [query_id]).fetchone()
+                if asked is None:
+                    raise ConceptError(f"no ROI query {query_id}")
+                if tuple(asked) != (scope.model_digest, scope.layer):
+                    # a label must point to a query on the same units, or its provenance is false
+                    raise ConceptError(f"ROI query {query_id} asked model {asked[0]} layer {asked[1]}, not "
+                                       f"model {scope.model_digest} layer {scope.layer}")
             if isinstance(concept, str) and create:
                 target, _ = self._create(conn, concept, actor, description, colour)
             else:
@@ -569,7 +577,9 @@ class ConceptStore:
                       concept: str | int | Concept | None = None, run_id: str | None = None,
                       note: str | None = None) -> int:
         """Remove the labels of ``units`` (or of every unit carrying ``concept``, or both filters);
-        unlabelled units are skipped. One transaction; returns how many labels were removed."""
+        unlabelled units are skipped, but a unit the layer does not have (by its newest dissection run)
+        is a :class:`ConceptError` and nothing is removed. One transaction; returns how many labels
+        were removed."""
         if units is None and concept is None:
             raise ConceptError("say which labels to remove: units and/or a concept")
         unit_list = parse_units(units) if units is not None else None
@@ -580,7 +590,20 @@ class ConceptStore:
             if run_id is not None or not (model_digest and layer):
                 scope = self._scope(conn, model_digest, layer, run_id, None)
             else:
-                scope = _Scope(model_digest, layer, None, None)
+                try:  # the unit count of the newest run, when there is one, to refuse unknown units
+                    scope = self._scope(conn, model_digest, layer, None, None)
+                except ConceptError:  # no run known (labels given with n_units): nothing to check against
+                    scope = _Scope(model_digest, layer, None, None)
+            if unit_list and scope.n_units is not None and unit_list[-1] >= scope.n_units:
+                labelled = {r[0] for r in conn.execute(
+                    "SELECT unit FROM neuron_labels WHERE model_digest = ? AND layer = ? AND unit >= ?",
+                    [scope.model_digest, scope.layer, scope.n_units]).fetchall()}
+                bad = [u for u in unit_list if u >= scope.n_units and u not in labelled]
+            else:
+                bad = []
+            if bad:  # a labelled unit can always be removed; an index the layer does not have is a typo
+                raise ConceptError(f"unknown unit {', '.join(map(str, bad[:5]))}: layer {scope.layer} has units "
+                                   f"0..{scope.n_units - 1}")
             sql = "SELECT unit, concept_id FROM neuron_labels WHERE model_digest = ? AND layer = ?"
             params: list[Any] = [scope.model_digest, scope.layer]
             if concept is not None:
@@ -719,6 +742,7 @@ class ConceptStore:
                       "ranking, aligned, asked_by, asked_at, source")
 
     def get_query(self, query_id: int) -> RoiQuery:
+        """A recorded ROI query by id; :class:`ConceptError` when unknown."""
         rows = self._read(f"SELECT {self._QUERY_COLUMNS} FROM roi_queries WHERE query_id = ?", [query_id])
         if not rows:
             raise ConceptError(f"no ROI query {query_id}")
@@ -789,7 +813,11 @@ def seed_example_concepts(ws: Workspace | ConceptStore, run: Any, *, per_concept
     ``demo-seed``. ``run`` is a :class:`workspace.dissect_run.DissectionRun` (``run_id``,
     ``model_digest``, ``layer``, ``patch_ids``, ``max_activations``, ``top_k``).
     """
-    store = ws if isinstance(ws, ConceptStore) else ConceptStore(ws)
+    if not isinstance(ws, ConceptStore):
+        with ConceptStore(ws) as own:  # a store made here is closed here
+            return seed_example_concepts(own, run, per_concept=per_concept, min_lesion_share=min_lesion_share,
+                                         max_lesion_share=max_lesion_share, min_effect=min_effect)
+    store = ws
     patch_ids = np.asarray(run.patch_ids).astype(np.int64)
     acts = np.asarray(run.max_activations, dtype=np.float64)          # (units, patches)
     top_k = np.asarray(run.top_k).astype(np.int64)                      # (units, k) patch ids

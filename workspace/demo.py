@@ -18,7 +18,7 @@ from typing import Any
 from workspace.config import Workspace
 
 DEMO_SEED = 2026
-DEMO_PATIENTS = 10
+DEMO_PATIENTS = 20
 DEMO_PATCH_SET = "default"
 
 

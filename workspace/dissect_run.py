@@ -98,11 +98,11 @@ class DissectionStats:
     ``merge`` a shard, ``state_dict`` / ``load_state_dict`` to checkpoint, ``to_`` a device."""
 
     def __init__(self, n_units: int, map_shape: tuple[int, int], plan: dict[str, Any], quantile: float,
-                 top_k: int, device: torch.device | str = "cpu"):
+                 top_k: int, device: torch.device | str = "cpu", n_patches: int = 0):
         self.n_units, self.map_shape = int(n_units), (int(map_shape[0]), int(map_shape[1]))
         self.plan, self.quantile, self.k = dict(plan), float(quantile), int(top_k)
         self.device = torch.device(device)
-        self.maxima = RunningMaxActivation(self.device)
+        self.maxima = RunningMaxActivation(self.device, capacity=n_patches)
         self.topk = RunningTopK(self.k, self.device)
         n_total = int(plan["n_values_per_unit"])
         if plan["method"] == "exact":
@@ -122,7 +122,7 @@ class DissectionStats:
         _b, units, h, w = acts.shape
         plan = plan_quantile(units, n_patches * h * w, quantile, memory_budget_mb, acts.shape[0] * h * w,
                              sketch_capacity)
-        return cls(units, (h, w), plan, quantile, top_k, device or acts.device)
+        return cls(units, (h, w), plan, quantile, top_k, device or acts.device, n_patches=n_patches)
 
     def add(self, acts: torch.Tensor, patch_ids: torch.Tensor | np.ndarray) -> None:
         """acts: (B, units, h, w) activations of B patches; patch_ids: (B,) their ids."""

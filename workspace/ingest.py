@@ -51,13 +51,20 @@ _PROTECTED = {"image_id", "patient_id", "dataset", "source_sha1", "created_at", 
 
 # -- paths -----------------------------------------------------------------------------------------
 
+def _relative_to(root: Path | None, path: str | os.PathLike) -> str:
+    """``path`` relative to ``root`` (POSIX separators) when inside it, else as an absolute path."""
+    path = Path(path).absolute()
+    if root is not None:
+        try:
+            return path.relative_to(root).as_posix()
+        except ValueError:
+            pass
+    return str(path)
+
+
 def stored_path(ws: Workspace, path: str | os.PathLike) -> str:
     """How the catalog stores a path: relative to the workspace root when inside it, absolute otherwise."""
-    path = Path(path).absolute()
-    try:
-        return path.relative_to(ws.root).as_posix()
-    except ValueError:
-        return str(path)
+    return _relative_to(ws.root, path)
 
 
 def resolve_path(ws: Workspace, stored: str | os.PathLike) -> Path:
@@ -71,10 +78,13 @@ def _workspace_root(db: sqlite_utils.Database) -> Path | None:
     return Path(row[2]).parent if row and row[2] else None
 
 
-def _write_png(array: np.ndarray, path: Path) -> None:
-    """Write a grayscale PNG atomically; Pillow adds no text chunks, so no identifiers can ride along."""
+def write_png(array: np.ndarray, path: Path) -> None:
+    """Write a grayscale PNG atomically (a reader never sees half a file), creating its folder.
+
+    Pillow adds no text chunks, so no identifiers can ride along in a derived file."""
     from PIL import Image
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     Image.fromarray(array).save(tmp, format="PNG", compress_level=1)
     os.replace(tmp, path)
@@ -82,11 +92,17 @@ def _write_png(array: np.ndarray, path: Path) -> None:
 
 # -- images ----------------------------------------------------------------------------------------
 
-def _label_from_birads(birads: str | None) -> int | None:
-    """The paper's image label: BI-RADS 0 (recalled) is 1, BI-RADS 1 or 2 is 0, anything else unknown."""
-    if birads is None:
+def label_from_birads(birads: Any) -> int | None:
+    """The catalog's binary image label from a BI-RADS category (``0``..``6``, a letter allowed: ``4A``).
+
+    0 for BI-RADS 1 or 2 (negative, benign: the paper's normal images); 1 for every other category
+    (0 = recalled for work-up, the paper's "possibly malignant"; 3 to 6 carry a finding to follow);
+    ``None`` when blank or not a category. The one rule every importer and the generator use.
+    """
+    text = "" if birads is None else str(birads).strip()
+    if not text or text[0] not in "0123456" or (len(text) > 1 and not text[1:].isalpha()):
         return None
-    return {"0": 1, "1": 0, "2": 0}.get(str(birads).strip())
+    return 0 if text[0] in "12" else 1
 
 
 def _existing_image(db: sqlite_utils.Database, dataset: str, sha1: str) -> str | None:
@@ -129,14 +145,16 @@ def _register_image(ws: Workspace, db: sqlite_utils.Database, image: DicomImage,
 
     display = image.display_pixels()
     mask = foreground_mask(display, FOREGROUND_DOWNSAMPLE)
-    ws.display_dir.mkdir(parents=True, exist_ok=True)
-    ws.foreground_dir.mkdir(parents=True, exist_ok=True)
     display_file = ws.display_dir / f"{image_id}.png"
     foreground_file = ws.foreground_dir / f"{image_id}.png"
-    _write_png(display, display_file)
-    _write_png(mask.astype(np.uint8) * 255, foreground_file)
+    write_png(display, display_file)
+    write_png(mask.astype(np.uint8) * 255, foreground_file)
 
     notes = list(image.warnings)
+    if split and patient_split and split != patient_split:
+        # A patient's images share one split, or patches of one woman could sit in train and test.
+        notes.append(f"split: asked for {split!r}, but this patient's images are in {patient_split!r}; "
+                     f"kept {patient_split!r}")
     if image.modality != "MG":
         notes.append(f"modality is {image.modality or 'missing'}, not MG")
     if not mask.any():
@@ -147,8 +165,8 @@ def _register_image(ws: Workspace, db: sqlite_utils.Database, image: DicomImage,
         image_id=image_id, patient_id=patient_id, dataset=dataset,
         source_path=stored_path(ws, image.path), source_sha1=sha1,
         study_id=pseudonym(ws, "S", dataset, image.study_instance_uid) if image.study_instance_uid else None,
-        split=split or patient_split, birads=birads_text,
-        label=label if label is not None else _label_from_birads(birads_text), density=density,
+        split=patient_split or split, birads=birads_text,
+        label=label if label is not None else label_from_birads(birads_text), density=density,
         display_path=stored_path(ws, display_file), foreground_path=stored_path(ws, foreground_file),
         warnings=json.dumps(notes) if notes else None, created_at=utc_now(),
     )
@@ -167,13 +185,19 @@ def register_dicom(ws: Workspace, db: sqlite_utils.Database, path: str | os.Path
     """Add one DICOM image to the catalog and return its pseudonymous ``image_id`` (``I-...``).
 
     Idempotent by (dataset, SHA-1 of the file): a second call returns the first id and writes nothing.
-    ``patient_source_id`` overrides the file's Patient ID (which is kept only in ``patients``);
-    ``split`` defaults to the patient's split (:func:`workspace.catalog.split_for`); ``label`` defaults
-    from ``birads`` (0 -> 1, 1/2 -> 0); ``extra`` sets other ``images`` columns (e.g. ``laterality``,
-    ``view`` when the file lacks them, ``annotated_path``; ``None`` values are ignored). Raises :class:`DicomReadError` for an
-    unreadable file, :class:`CatalogError` for unknown ``extra`` keys.
+    ``patient_source_id`` overrides the file's Patient ID (which is kept only in ``patients``).
+    ``split`` is the split of a NEW patient (default :func:`workspace.catalog.split_for`); a patient
+    already in the catalog keeps the split of its first image, so no patient is in two splits (a
+    differing ``split`` is kept as a warning on the image). ``label`` defaults from ``birads``
+    (:func:`label_from_birads`: 1/2 -> 0, 0 and 3-6 -> 1). ``extra`` sets other ``images`` columns (e.g.
+    ``laterality``, ``view`` when the file lacks them, ``annotated_path``; ``None`` values are ignored).
+    Raises :class:`DicomReadError` for a missing or unreadable file, :class:`CatalogError` for unknown
+    ``extra`` keys.
     """
-    sha1 = file_sha1(path)
+    try:
+        sha1 = file_sha1(path)
+    except OSError as error:  # missing, a folder, unreadable: the same one-line error as a bad file
+        raise DicomReadError(f"{path}: cannot read file ({error.strerror or error})") from None
     existing = _existing_image(db, dataset, sha1)
     if existing:
         return existing
@@ -261,15 +285,8 @@ def add_lesion(db: sqlite_utils.Database, image_id: str, *, kind: str, geometry_
     if geometry_type == "mask" and not mask_path:
         raise CatalogError("a mask lesion needs mask_path")
     if mask_path is not None:
-        root = _workspace_root(db)
-        path = Path(mask_path)
-        if root is not None and path.is_absolute():
-            try:
-                mask_path = path.relative_to(root).as_posix()
-            except ValueError:
-                mask_path = str(path)
-        else:
-            mask_path = str(mask_path)
+        mask_path = _relative_to(_workspace_root(db), mask_path) if Path(mask_path).is_absolute() \
+            else str(mask_path)
     key = geometry_key(kind, geometry_type, geometry)
     db.execute(
         "INSERT OR IGNORE INTO lesions (image_id, kind, geometry_type, geometry, mask_path, pathology, source,"
@@ -300,11 +317,13 @@ class ImportSummary:
         return bool(self.imported or self.already_present or not self.skipped)
 
     def to_dict(self) -> dict:
+        """Plain data (JSON-able): ids, skips with reasons, warnings, seconds."""
         return {"root": self.root, "imported": self.imported, "already_present": self.already_present,
                 "skipped": [{"file": f, "reason": r} for f, r in self.skipped],
                 "warnings": [{"file": f, "warning": w} for f, w in self.warnings], "seconds": self.seconds}
 
     def to_text(self) -> str:
+        """The end-of-import summary: counts, skips grouped by kind, then each file with its reason."""
         lines = [f"import of {self.root}: {len(self.imported)} imported, {len(self.already_present)} already "
                  f"present, {len(self.skipped)} skipped ({self.seconds:.1f} s)"]
         if self.skipped:
@@ -391,4 +410,5 @@ def import_folder(ws: Workspace, path: str | os.PathLike, *, dataset: str = "loc
 
 
 __all__ = ["register_dicom", "add_lesion", "import_folder", "ImportSummary", "load_model_pixels",
-           "load_foreground", "stored_path", "resolve_path", "LESION_KINDS", "GEOMETRY_TYPES", "PATHOLOGIES"]
+           "load_foreground", "stored_path", "resolve_path", "label_from_birads", "write_png", "LESION_KINDS",
+           "GEOMETRY_TYPES", "PATHOLOGIES"]

@@ -280,7 +280,10 @@ def build_patch_set(ws: Workspace, name: str = "default", *, size: int = 512, st
     rule = InsideRule.parse(inside)
     db = open_catalog(ws)
     where, args = ("WHERE dataset = ?", [dataset]) if dataset else ("", [])
-    images = {r["image_id"]: r for r in db.query(f"SELECT * FROM images {where} ORDER BY image_id", args)}
+    # ordered by source path, not by pseudonym (keyed per workspace): the same cohort gives the same set
+    images = {r["image_id"]: r for r in db.query(f"SELECT * FROM images {where} ORDER BY source_path, image_id",
+                                                 args)}
+    order = {image_id: n for n, image_id in enumerate(images)}
     problems: list[str] = []
     rng = np.random.default_rng(seed)
 
@@ -331,7 +334,7 @@ def build_patch_set(ws: Workspace, name: str = "default", *, size: int = 512, st
         problems.append(f"only {len(pool)} normal patches for {len(lesion_patches)} lesion patches "
                         "(too few all-tissue positions)")
 
-    patches = sorted(lesion_patches + pool, key=lambda p: (p["image_id"], p["label"], p["y"], p["x"]))
+    patches = sorted(lesion_patches + pool, key=lambda p: (order[p["image_id"]], p["label"], p["y"], p["x"]))
     for i, p in enumerate(patches):
         p["array_index"] = i
         p["split"] = images[p["image_id"]]["split"]

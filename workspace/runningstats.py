@@ -86,59 +86,69 @@ def tail_size(n: int, q: float) -> int:
 class RunningMaxActivation:
     """The max over spatial positions of every unit on every patch: ``a`` (units x patches).
 
-    Keeps one float32 column per patch seen and its patch id. ``result()`` returns the columns in
-    ascending patch-id order (a canonical order, so shards merged in any order give the same
-    matrix). Patch ids must be unique across everything added and merged.
+    Keeps one float32 column per patch seen and its patch id, in arrays that grow geometrically
+    (``capacity`` presizes them: one small long-lived allocation per batch would pin every freed
+    batch-sized block of glibc's heap and grow the process by a batch per batch). ``result()``
+    returns the columns in ascending patch-id order (a canonical order, so shards merged in any
+    order give the same matrix). Patch ids must be unique across everything added and merged.
     """
 
-    def __init__(self, device: torch.device | str = "cpu"):
+    def __init__(self, device: torch.device | str = "cpu", capacity: int = 0):
         self.device = torch.device(device)
-        self._values: list[torch.Tensor] = []   # (units, b) chunks
-        self._ids: list[torch.Tensor] = []      # (b,) int64 chunks
+        self.capacity = int(capacity)
+        self._values: torch.Tensor | None = None   # (units, capacity)
+        self._ids = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self.count = 0
 
     def add(self, maxima: torch.Tensor, patch_ids: torch.Tensor) -> None:
         """maxima: (units, B) max activation of each unit on each of B patches; patch_ids: (B,)."""
-        self._values.append(_as_float32(maxima).to(self.device))
-        self._ids.append(torch.as_tensor(patch_ids, dtype=torch.int64).to(self.device))
-
-    @property
-    def count(self) -> int:
-        return int(sum(int(i.numel()) for i in self._ids))
+        maxima = _as_float32(maxima).to(self.device)
+        ids = torch.as_tensor(patch_ids, dtype=torch.int64).to(self.device).reshape(-1)
+        need = self.count + ids.numel()
+        if self._values is None or need > self._values.shape[1]:
+            size = max(need, self.capacity, 2 * (0 if self._values is None else self._values.shape[1]), 16)
+            grown = torch.empty((maxima.shape[0], size), device=self.device)
+            grown_ids = torch.empty(size, dtype=torch.int64, device=self.device)
+            if self._values is not None:
+                grown[:, :self.count] = self._values[:, :self.count]
+                grown_ids[:self.count] = self._ids[:self.count]
+            self._values, self._ids = grown, grown_ids
+        self._values[:, self.count:need] = maxima
+        self._ids[self.count:need] = ids
+        self.count = need
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(values (units, n) float32, patch_ids (n,) int64), columns ordered by patch id."""
-        if not self._ids:
+        if self._values is None or self.count == 0:
             raise StatisticsError("no patches were added")
-        ids = torch.cat(self._ids)
-        values = torch.cat(self._values, dim=1)
+        ids = self._ids[:self.count]
         order = torch.argsort(ids, stable=True)
-        ids, values = ids[order], values[:, order]
+        ids, values = ids[order], self._values[:, :self.count][:, order]
         if ids.numel() > 1 and bool((ids[1:] == ids[:-1]).any()):
             raise StatisticsError("the same patch id was added twice (overlapping shards?)")
-        self._ids, self._values = [ids], [values]   # keep the consolidated form
         return values, ids
 
     def merge(self, other: RunningMaxActivation) -> RunningMaxActivation:
-        self._values.extend(v.to(self.device) for v in other._values)
-        self._ids.extend(i.to(self.device) for i in other._ids)
+        if other.count:
+            self.add(other._values[:, :other.count], other._ids[:other.count])
         return self
 
     def state_dict(self) -> dict[str, Any]:
-        if not self._ids:
+        if not self.count:
             return {"values": None, "ids": None}
-        values, ids = self.result()
-        return {"values": values.cpu(), "ids": ids.cpu()}
+        return {"values": self._values[:, :self.count].cpu().clone(), "ids": self._ids[:self.count].cpu().clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._values, self._ids = [], []
+        self._values, self.count = None, 0
+        self._ids = torch.zeros(0, dtype=torch.int64, device=self.device)
         if state["ids"] is not None:
-            self._values = [state["values"].to(self.device)]
-            self._ids = [state["ids"].to(self.device)]
+            self.add(state["values"], state["ids"])
 
     def to_(self, device: torch.device | str) -> RunningMaxActivation:
         self.device = torch.device(device)
-        self._values = [v.to(self.device) for v in self._values]
-        self._ids = [i.to(self.device) for i in self._ids]
+        if self._values is not None:
+            self._values = self._values.to(self.device)
+        self._ids = self._ids.to(self.device)
         return self
 
 
@@ -217,25 +227,43 @@ class RunningTailQuantile:
     ``(n - 1) q``; both are among the ``m = tail_size(n, q)`` largest values. So the state is, per
     unit, the m largest values seen so far (padded with -inf until m have been seen) plus values
     still waiting to be folded in. A new value at or below a unit's current m-th largest can never
-    change the result and is only counted. Memory: ``units * m`` float32 (and a working copy of the
-    same order while folding). Merging two shards: the m largest of the union are among the union
-    of each shard's m largest, so concatenating and keeping m is exact.
+    change the result and is only counted. Merging two shards: the m largest of the union are among
+    the union of each shard's m largest, so concatenating and keeping m is exact.
+
+    Memory: one preallocated float32 work array ``(units, m + pending)`` (the buffer, then room for
+    pending candidates), folded with a fixed-shape topk, so allocations repeat exactly and the
+    process's memory stays flat (varying-size temporaries fragment glibc's heap: measured 20 MB/batch
+    of growth before this layout).
     """
+
+    BLOCK = 1024    # candidate widths are rounded up to this, so temporaries come in few sizes
 
     def __init__(self, n_units: int, n_total: int, q: float, device: torch.device | str = "cpu"):
         self.n_units, self.n_total, self.q = int(n_units), int(n_total), float(q)
         self.m = tail_size(self.n_total, self.q)
         self.device = torch.device(device)
         self.count = 0
-        self.buffer = torch.full((self.n_units, self.m), -math.inf, device=self.device)
-        self._pending: list[torch.Tensor] = []
-        self._pending_width = 0
+        self.pending_room = self.m + self.BLOCK
+        self._work: torch.Tensor | None = None   # (units, m + pending_room), allocated on first use
+        self._pending = 0                         # columns of the pending area in use
 
     @staticmethod
     def estimate_bytes(n_units: int, n_total: int, q: float, batch_values: int = 8192) -> int:
-        """Peak bytes: the buffer, a fold of buffer + pending (float32) and topk's values + int64 indices."""
+        """Peak bytes: the work array (buffer + pending room), a fold's topk values and int64
+        indices, and one batch's candidates."""
         m = tail_size(n_total, q)
-        return int(n_units * (4 * m + 4 * (2 * m + batch_values) + 12 * m))
+        return int(n_units * (4 * (2 * m + RunningTailQuantile.BLOCK) + 12 * m + 4 * batch_values))
+
+    def _ensure(self) -> torch.Tensor:
+        if self._work is None:
+            self._work = torch.full((self.n_units, self.m + self.pending_room), -math.inf, device=self.device)
+        return self._work
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        """(units, m): the m largest values folded so far, descending (-inf padding)."""
+        self._fold()
+        return self._ensure()[:, :self.m]
 
     def add(self, values: torch.Tensor) -> None:
         """values: (units, n) activations (any layout flattened per unit)."""
@@ -243,64 +271,69 @@ class RunningTailQuantile:
         self.count += values.shape[1]
         if self.count > self.n_total:
             raise StatisticsError(f"more values ({self.count}) than the announced total ({self.n_total})")
-        floor = self.buffer[:, -1:]                      # the m-th largest folded so far (-inf if not full)
-        above = values > floor
-        width = int(above.sum(dim=1).max())
+        for start in range(0, values.shape[1], self.pending_room):
+            self._absorb(values[:, start:start + self.pending_room])
+
+    def _absorb(self, values: torch.Tensor) -> None:
+        work = self._ensure()
+        floor = work[:, self.m - 1:self.m]               # m-th largest folded so far (-inf if not full)
+        width = int((values > floor).sum(dim=1).max())
         if width == 0:
             return
+        width = min(values.shape[1], -(-width // self.BLOCK) * self.BLOCK)
         if width < values.shape[1]:
-            # only the candidates can enter: take each row's `width` largest (a small topk)
+            # every candidate is among its row's `width` largest (extra non-candidates are harmless)
             values = torch.topk(values, width, dim=1, sorted=False).values
-        self._pending.append(values)
-        self._pending_width += values.shape[1]
-        if self._pending_width >= self.m:
+        if self._pending + width > self.pending_room:
             self._fold()
+        work[:, self.m + self._pending:self.m + self._pending + width] = values
+        self._pending += width
 
     def _fold(self) -> None:
         if not self._pending:
             return
-        merged = torch.cat([self.buffer, *self._pending], dim=1)
-        self._pending, self._pending_width = [], 0
-        top = torch.topk(merged, self.m, dim=1, sorted=True).values   # descending
-        self.buffer = top
+        work = self._ensure()
+        top = torch.topk(work, self.m, dim=1, sorted=True).values     # always the same shape
+        work[:, :self.m] = top
+        work[:, self.m:] = -math.inf
+        self._pending = 0
 
     def result(self) -> torch.Tensor:
         """(units,) float32: equal to ``numpy.quantile(all values of the unit, q)``."""
         if self.count != self.n_total:
             raise StatisticsError(f"saw {self.count} values per unit, expected {self.n_total}")
-        self._fold()
+        buffer = self.buffer
         below, above, gamma = quantile_ranks(self.n_total, self.q)
         # ascending rank r is the (n - 1 - r)-th largest: column (n - 1 - r) of the descending buffer
-        lo = self.buffer[:, self.n_total - 1 - below].cpu().numpy()
-        hi = self.buffer[:, self.n_total - 1 - above].cpu().numpy()
+        lo = buffer[:, self.n_total - 1 - below].cpu().numpy()
+        hi = buffer[:, self.n_total - 1 - above].cpu().numpy()
         return torch.from_numpy(numpy_lerp(lo, hi, gamma).astype(np.float32))
 
     def merge(self, other: RunningTailQuantile) -> RunningTailQuantile:
         if (other.n_units, other.n_total, other.q) != (self.n_units, self.n_total, self.q):
             raise StatisticsError("cannot merge exact quantile buffers with different units, totals or q")
-        self.count += other.count
-        if self.count > self.n_total:
+        if self.count + other.count > self.n_total:
             raise StatisticsError("merged shards hold more values than the announced total")
-        other._fold()
-        self._pending.append(other.buffer.to(self.device))
-        self._pending_width += other.m
+        theirs = other.buffer.to(self.device)
+        self.count += other.count
+        for start in range(0, self.m, self.pending_room):
+            self._absorb(theirs[:, start:start + self.pending_room])
         self._fold()
         return self
 
     def state_dict(self) -> dict[str, Any]:
-        self._fold()
         return {"kind": "exact", "n_units": self.n_units, "n_total": self.n_total, "q": self.q,
-                "count": self.count, "buffer": self.buffer.cpu()}
+                "count": self.count, "buffer": self.buffer.cpu().clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.__init__(state["n_units"], state["n_total"], state["q"], self.device)
         self.count = int(state["count"])
-        self.buffer = state["buffer"].to(self.device)
+        self._ensure()[:, :self.m] = state["buffer"].to(self.device)
 
     def to_(self, device: torch.device | str) -> RunningTailQuantile:
         self.device = torch.device(device)
-        self.buffer = self.buffer.to(self.device)
-        self._pending = [p.to(self.device) for p in self._pending]
+        if self._work is not None:
+            self._work = self._work.to(self.device)
         return self
 
 

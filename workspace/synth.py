@@ -136,7 +136,7 @@ def plan_patient(seed: int, index: int, *, birads0_fraction: float = 0.5, varian
     birads, findings = {}, {}
     for side in "LR":
         if positive and side == affected:
-            n = 1 if rng.random() < 0.75 else 2
+            n = int(rng.choice([1, 2, 3], p=[0.6, 0.3, 0.1]))
             specs = [_finding_spec(rng, True) for _ in range(n)]
             birads[side] = "0"
         elif rng.random() < 0.4:
@@ -831,7 +831,8 @@ def make_image(plan: PatientPlan, key: str, image_shape: tuple[int, int] = FULL_
         for f in findings:
             if f.spec.pathology != "malignant":
                 continue
-            e = ellipse_around(f.mask, f.x0, f.y0, margin=1.5 / drawn.spacing_mm, min_axis=5.0 * factor)
+            # drawn loosely, as a reader would: 3 mm beyond the finding
+            e = ellipse_around(f.mask, f.x0, f.y0, margin=3.0 / drawn.spacing_mm, min_axis=5.0 * factor)
             ellipses.append(e)
             draw_ellipse_ring(annotated, full_to_copy(e, factor))
     photometric = "MONOCHROME1" if "monochrome1" in plan.variants[key] else "MONOCHROME2"
@@ -960,6 +961,14 @@ class SynthSummary:
                 f"({d['mean_bytes_per_image'] / 1e6:.1f} MB/image); seconds per image: {per}")
 
 
+def patient_split(seed: int, index: int) -> str:
+    """The 8:1:1 split of patient ``index`` of cohort ``seed``: a function of (seed, index) only, so the
+    test-split patients of a cohort can be rebuilt alone in any workspace."""
+    from workspace.catalog import split_for
+
+    return split_for(f"{seed}:{index}", salt="synthetic:")
+
+
 def dicom_path(ws: Workspace, seed: int, index: int, key: str) -> Path:
     """Where patient ``index`` of cohort ``seed`` keeps image ``key`` (no identifiers in the path)."""
     return ws.dicom_dir / DATASET / f"seed{seed}" / f"patient{index:06d}" / f"{key}.dcm"
@@ -1037,7 +1046,8 @@ def synthesize(ws: Workspace, n_patients: int, *, seed: int = 0, first_patient: 
             size = write_dicom(path, plan, image)
             t2 = time.perf_counter()
             image_id = ingest.register_dicom(ws, db, path, dataset=DATASET, patient_source_id=plan.patient_id,
-                                             birads=image.birads, label=image.label, density=plan.density)
+                                             split=patient_split(seed, index), birads=image.birads,
+                                             label=image.label, density=plan.density)
             t3 = time.perf_counter()
             _record_lesions(ws, db, image_id, image, summary)
             t4 = time.perf_counter()

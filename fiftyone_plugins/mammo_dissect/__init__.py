@@ -42,7 +42,7 @@ _project_importable()
 
 from fiftyone_plugins import actions  # noqa: E402
 
-NEW_CONCEPT_HINT = "or type a new concept"
+NEW_CONCEPT_HINT = "or a new concept"
 # The inputs sit in the "labelling" row, so the App keeps their values under that key of the state.
 NEW_KEY = "labelling.new_concept"
 CHOICE_KEY = "labelling.concept_choice"
@@ -148,7 +148,7 @@ class NeuronMap(foo.Panel):
     # -- events
     def on_load(self, ctx):
         # Inputs persist across reloads: start clean, keep nothing half-typed.
-        ctx.panel.state.set({NEW_KEY: None, CHOICE_KEY: None})
+        ctx.panel.state.set({NEW_KEY: "", CHOICE_KEY: None})
 
     def on_click_unit(self, ctx):
         unit = ctx.params.get("id")
@@ -206,7 +206,7 @@ class NeuronMap(foo.Panel):
 
     @staticmethod
     def _clear_inputs(ctx):
-        ctx.panel.state.set({"selected_units": [], NEW_KEY: None, CHOICE_KEY: None})
+        ctx.panel.state.set({"selected_units": [], NEW_KEY: "", CHOICE_KEY: None})
 
     # -- layout
     def render(self, ctx):
@@ -234,16 +234,19 @@ class NeuronMap(foo.Panel):
         else:
             panel.md("Click a unit to see its top patches in the grid. Lasso or box-select units to "
                      "label them.", name="selection")
-        row = panel.h_stack("labelling", align_y="center")
-        dropdown = types.DropdownView(label="Concept", space=4)
-        for name, n in actions.concept_choices(mc):
-            dropdown.add_choice(name, label=f"{name} ({n})")
-        if dropdown.choices:
-            row.enum("concept_choice", dropdown.values(), view=dropdown)
-        row.str("new_concept", view=types.TextFieldView(label=NEW_CONCEPT_HINT, space=4))
-        row.btn("label_btn", label=f"Label {len(selected)} unit(s)", on_click=self.on_label,
-                disabled=not selected, variant="contained", space=2)
-        row.btn("clear_btn", label="Clear", on_click=self.on_clear, disabled=not selected, space=2)
+        box = panel.v_stack("labelling", gap=1)
+        choices = actions.concept_choices(mc)
+        if choices:
+            dropdown = types.DropdownView(label="Existing concept", placeholder="choose a concept")
+            for name, n in choices:
+                dropdown.add_choice(name, label=f"{name} ({n} unit{'s' if n != 1 else ''})")
+            box.enum("concept_choice", dropdown.values(), view=dropdown)
+        box.str("new_concept", view=types.TextFieldView(
+            label=NEW_CONCEPT_HINT if choices else "New concept", placeholder="e.g. spiculated margin"))
+        buttons = panel.h_stack("buttons", align_x="left")
+        buttons.btn("label_btn", label=f"Label {len(selected)} unit(s)", on_click=self.on_label,
+                    disabled=not selected, variant="contained")
+        buttons.btn("clear_btn", label="Clear selection", on_click=self.on_clear, disabled=not selected)
         tools = panel.h_stack("tools")
         tools.btn("refresh_btn", label="Refresh from store", on_click=self.on_refresh, variant="outlined")
         if state.unit is not None:

@@ -1,7 +1,9 @@
 """``mammo evaluate``: test ROC AUC (bootstrap CI), sensitivity/specificity and a ROC picture for a model.
 
 By default the operating point stored in the checkpoint is used (so the numbers match the ones it
-records); ``--operating-point RULE`` chooses a new one on the validation split.
+records); ``--operating-point RULE`` chooses a new one on the validation split. ``--recorded-test``
+needs no patch set: it redraws the checkpoint's recorded synthetic test patches from the generator
+(patient k depends only on (seed, k)) and checks the recorded test AUC is reproduced.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ def _run(args: argparse.Namespace) -> int:
     ws = Workspace.open(args.workspace)
     loaded = load_checkpoint(resolve_model_path(ws, args.model), args.device, arch=args.arch, layer=args.layer,
                              trust=args.trust)
+    if args.recorded_test:
+        return _recorded(ws, loaded, args)
     data = PatchData.from_patch_set(ws, args.patch_set)
     stored = None if args.operating_point else loaded.meta.get("operating_point")
     metrics, outputs = evaluate_model(loaded, data, operating_point=stored,
@@ -39,11 +43,24 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recorded(ws, loaded, args: argparse.Namespace) -> int:
+    from models.evaluate import reproduce_recorded_test, summary_lines
+
+    result = reproduce_recorded_test(loaded, n_resamples=args.bootstrap, seed=args.seed, folder=ws.root)
+    for line in summary_lines(result["metrics"]):
+        print(line)
+    print(f"recorded test AUC {result['recorded_auc']:.4f}, reproduced {result['auc']:.4f}; pixels "
+          f"{'identical' if result['pixels_match'] else 'DIFFERENT (the generator changed since training)'}")
+    return 0 if result["reproduced"] else 1
+
+
 def add_parser(subparsers, parents) -> None:
     p = subparsers.add_parser("evaluate", parents=parents, help="test metrics and ROC curve of a model",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint file, or a model name in the workspace (default: shipped demo)")
     p.add_argument("--patch-set", default="default")
+    p.add_argument("--recorded-test", action="store_true",
+                   help="redraw the checkpoint's recorded synthetic test patches and check its test AUC")
     p.add_argument("--operating-point", metavar="RULE",
                    help="choose anew on validation: youden, sensitivity:S or fixed:T")
     p.add_argument("--bootstrap", type=int, default=1000)

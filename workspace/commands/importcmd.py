@@ -23,16 +23,24 @@ IMPORTERS: dict[str, tuple[str, str]] = {
 }
 
 
+MASK_MISMATCH_FORMATS = ("cbis-ddsm", "auto")
+"""The formats that take ``--mask-mismatch`` (``auto`` passes it on, and refuses it without CBIS-DDSM)."""
+
+
 def _run(args: argparse.Namespace) -> int:
     from workspace.config import Workspace
+    from workspace.errors import MammoError
 
+    if args.mask_mismatch and args.format not in MASK_MISMATCH_FORMATS:
+        # said, not ignored: the user expects masks to be handled a certain way
+        raise MammoError(f"--mask-mismatch applies to CBIS-DDSM (--format cbis-ddsm or auto), not {args.format}")
     module_name, function_name = IMPORTERS[args.format][0].split(":")
     importer = getattr(importlib.import_module(module_name), function_name)
     ws = Workspace.open(args.workspace)
     options = {"non_mg": args.non_mg}
     if args.dataset:
         options["dataset"] = args.dataset
-    if args.mask_mismatch and args.format in ("cbis-ddsm", "auto"):
+    if args.mask_mismatch:
         options["mask_mismatch"] = args.mask_mismatch
     summary = importer(ws, args.path, **options)
     print(summary.to_text())
@@ -40,6 +48,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers, parents) -> None:
+    """``mammo import PATH [--format NAME] [--dataset NAME] [--non-mg warn|refuse] [--mask-mismatch ...]``."""
     formats = "; ".join(f"{name}: {text}" for name, (_, text) in IMPORTERS.items())
     parser = subparsers.add_parser(
         "import", parents=parents, help="import DICOM mammograms (or a public data set) into the catalog",

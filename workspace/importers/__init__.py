@@ -16,8 +16,14 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from workspace.importers.common import ImporterError, ImportReport
+
+if TYPE_CHECKING:  # annotations only
+    from workspace.config import Workspace
+    from workspace.ingest import ImportSummary
 
 
 @dataclass(frozen=True)
@@ -26,13 +32,16 @@ class ImportFormat:
     module: str
     title: str
 
-    def load(self):
+    def load(self) -> ModuleType:
+        """The importer module (imported on first use: the CLI stays fast)."""
         return importlib.import_module(self.module)
 
     def looks_like(self, root: Path) -> bool:
+        """Whether ``root`` is laid out as this data set publishes it."""
         return bool(self.load().looks_like(Path(root)))
 
-    def run(self, ws, root, **options) -> ImportReport:
+    def run(self, ws: Workspace, root: str | Path, **options: Any) -> ImportReport:
+        """``import_dataset(ws, root, **options)`` of this format."""
         return self.load().import_dataset(ws, Path(root), **options)
 
 
@@ -61,7 +70,8 @@ def detect_format(path: str | Path) -> str | None:
     return matches[0] if matches else None
 
 
-def import_auto(ws, path, *, mask_mismatch: str | None = None, **options):
+def import_auto(ws: Workspace, path: str | Path, *, mask_mismatch: str | None = None,
+                **options: Any) -> ImportReport | ImportSummary:
     """``--format auto``: import with the detected data-set importer, else as a plain DICOM folder
     (``workspace.ingest.import_folder``, which takes ``non_mg`` and ``dataset``)."""
     name = detect_format(path)

@@ -33,9 +33,11 @@ neighbour; ``mask_mismatch="rescale"``, the default) or skipped (``"skip"``).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -44,6 +46,7 @@ from workspace.importers.common import (
     ImporterError,
     ImportReport,
     as_float,
+    dataset_folder,
     density_letter,
     find_named,
     label_from_pathology,
@@ -51,6 +54,12 @@ from workspace.importers.common import (
     normalise_birads,
     read_table,
 )
+from workspace.ingest import write_png
+
+if TYPE_CHECKING:  # annotations only
+    import sqlite_utils
+
+    from workspace.config import Workspace
 
 DATASET = "cbis-ddsm"
 TITLE = "CBIS-DDSM (TCIA DICOM folders + case description CSVs)"
@@ -115,21 +124,30 @@ def _first_component(path: str) -> str:
     return path.replace("\\", "/").strip().strip("/").split("/")[0]
 
 
-def read_case_csv(path: Path) -> list[CbisCase]:
-    """The abnormalities of one case description CSV (mass or calc, either spelling of density)."""
+def read_case_csv(path: Path, report: ImportReport | None = None) -> list[CbisCase]:
+    """The abnormalities of one case description CSV (mass or calc, either spelling of density).
+
+    A file without the needed columns raises :class:`ImporterError`. A row with a value we cannot
+    read (abnormality type, pathology) raises too, unless ``report`` is given: then that row is
+    skipped with its reason and the other rows are read (one bad row must not stop an import).
+    """
     path = Path(path)
     rows = read_table(path, _COLUMNS, what="CBIS-DDSM case description CSV", optional=_OPTIONAL)
     cases = []
     for line, row in enumerate(rows, start=2):
         kind = row["abnormality type"].strip().lower()
         kind = "calcification" if kind.startswith("calc") else "mass" if kind == "mass" else kind
-        if kind not in ("mass", "calcification"):
-            raise ImporterError(f"{path.name} line {line}: abnormality type {row['abnormality type']!r} "
-                                "(expected mass or calcification)")
         pathology = PATHOLOGIES.get(row["pathology"].strip().upper())
-        if pathology is None:
-            raise ImporterError(f"{path.name} line {line}: pathology {row['pathology']!r} (expected "
-                                f"{', '.join(PATHOLOGIES)})")
+        problem = None
+        if kind not in ("mass", "calcification"):
+            problem = f"abnormality type {row['abnormality type']!r} (expected mass or calcification)"
+        elif pathology is None:
+            problem = f"pathology {row['pathology']!r} (expected {', '.join(PATHOLOGIES)})"
+        if problem:
+            if report is None:
+                raise ImporterError(f"{path.name} line {line}: {problem}")
+            report.skip(f"{path.name} line {line}", "unreadable CSV row", problem)
+            continue
         side = row["left or right breast"].strip().upper()
         abnormality = as_float(row["abnormality id"])
         subtlety = as_float(row["subtlety"])
@@ -195,9 +213,13 @@ def scan_dicoms(root: Path, report: ImportReport) -> dict[str, list[DicomEntry]]
 
 
 def _pixels(path: Path) -> np.ndarray:
+    """The decoded pixels of a mask or crop file; :class:`ImporterError` saying why when they cannot be."""
     import pydicom
 
-    return pydicom.dcmread(path).pixel_array
+    try:
+        return pydicom.dcmread(path).pixel_array
+    except Exception as error:  # pydicom raises many kinds for cut files and missing decoders
+        raise ImporterError(f"{path.name}: pixels cannot be read ({type(error).__name__}: {error})") from None
 
 
 def is_binary(pixels: np.ndarray) -> bool:
@@ -223,20 +245,25 @@ def pick_mask(entries: list[DicomEntry], image_shape: tuple[int, int]) -> tuple[
 
     Trusted from the description when exactly one file is described as a mask and it is binary;
     otherwise by pixels: binary files are masks, the one of the image's size (else the largest) wins.
+    A file whose pixels cannot be read is passed over; when no mask is found and some file could
+    not be read, that file's :class:`ImporterError` is raised (the likelier reason than "no mask").
     """
-    described = [e for e in entries if e.role == "mask"]
-    if len(described) == 1:
-        pixels = _pixels(described[0].path)
-        if is_binary(pixels):
-            return described[0], pixels
-    binary = []
-    for entry in sorted(entries, key=lambda e: (e.role != "mask", str(e.path))):
-        if entry.role == "full":
+    candidates = sorted((e for e in entries if e.role != "full"), key=lambda e: (e.role != "mask", str(e.path)))
+    described = [e for e in candidates if e.role == "mask"]
+    binary, unreadable = [], []
+    for entry in candidates:
+        try:
+            pixels = _pixels(entry.path)
+        except ImporterError as error:
+            unreadable.append(error)
             continue
-        pixels = _pixels(entry.path)
         if is_binary(pixels):
+            if len(described) == 1 and entry is described[0]:
+                return entry, pixels
             binary.append((entry, pixels))
     if not binary:
+        if unreadable:
+            raise unreadable[0]
         return None
     same = [b for b in binary if b[1].shape == image_shape]
     return (same or sorted(binary, key=lambda b: -b[1].size))[0]
@@ -250,15 +277,6 @@ def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(img.resize((shape[1], shape[0]), Image.NEAREST)) > 127
 
 
-def _write_mask_png(mask: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG", optimize=False)
-    tmp.replace(path)
-
-
 CSV_NAMES = tuple(f"{kind}_case_description_{split}_set.csv" for kind in ("mass", "calc") for split in ("train", "test"))
 
 
@@ -268,6 +286,8 @@ def find_case_csvs(root: Path) -> list[Path]:
 
 
 def looks_like(root: Path) -> bool:
+    """A case description CSV near ``root``, or case folders (``Mass-Training_P_00001_LEFT_CC``) in it or
+    one folder down."""
     root = Path(root)
     if find_case_csvs(root):
         return True
@@ -277,7 +297,7 @@ def looks_like(root: Path) -> bool:
     return False
 
 
-def import_dataset(ws, root: Path, *, db=None, dataset: str | None = None, mask_mismatch: str = "rescale",
+def import_dataset(ws: Workspace, root: str | Path, *, db: sqlite_utils.Database | None = None, dataset: str | None = None, mask_mismatch: str = "rescale",
                    **_options) -> ImportReport:
     """Import a CBIS-DDSM download; see the module docstring for what lands where."""
     from workspace.catalog import open_catalog
@@ -288,16 +308,14 @@ def import_dataset(ws, root: Path, *, db=None, dataset: str | None = None, mask_
         raise ImporterError(f"CBIS-DDSM: mask_mismatch must be one of {', '.join(MASK_MISMATCH_POLICIES)}, "
                             f"got {mask_mismatch!r}")
     name = dataset or DATASET
-    root = Path(root).expanduser().resolve()
-    if not root.is_dir():
-        raise ImporterError(f"CBIS-DDSM: {root} is not a folder")
+    root = dataset_folder(root, "CBIS-DDSM")
     csvs = find_case_csvs(root)
     if not csvs:
         raise ImporterError(f"CBIS-DDSM: no case description CSV in {root} (mass_case_description_train_set.csv, "
                             "mass_case_description_test_set.csv, calc_case_description_train_set.csv or "
                             "calc_case_description_test_set.csv, as downloaded from TCIA)")
-    cases = [case for path in csvs for case in read_case_csv(path)]
     report = ImportReport(name, str(root))
+    cases = [case for path in csvs for case in read_case_csv(path, report)]
     entries = scan_dicoms(root, report)
     test_patients = {c.patient_id for c in cases if c.is_test}
     by_image: dict[str, list[CbisCase]] = {}
@@ -345,7 +363,11 @@ def _mask_finding(ws, case: CbisCase, entries: list[DicomEntry], image_id: str, 
     if not entries:
         report.skip(what, "ROI mask missing", f"{case.csv_name} line {case.line}: no DICOM under {case.roi_folder}/")
         return None
-    picked = pick_mask(entries, shape)
+    try:
+        picked = pick_mask(entries, shape)
+    except ImporterError as error:
+        report.skip(what, "unreadable ROI mask", f"{case.roi_folder}/: {error}")
+        return None
     if picked is None:
         report.skip(what, "ROI mask missing", f"no binary mask among {len(entries)} file(s) in {case.roi_folder}/")
         return None
@@ -365,8 +387,12 @@ def _mask_finding(ws, case: CbisCase, entries: list[DicomEntry], image_id: str, 
     if not mask.any():
         report.skip(what, "empty ROI mask", f"{entry.path.name} in {case.roi_folder} has no foreground")
         return None
-    mask_file = ws.masks_dir / f"{image_id}_{case.kind[:4]}{case.abnormality_id}.png"
-    _write_mask_png(mask, mask_file)
+    # The content digest in the name: a later import with another mask for this abnormality adds a
+    # file (and a lesion) instead of overwriting the file an earlier lesion points to.
+    digest = hashlib.sha1(np.packbits(mask).tobytes() + repr(mask.shape).encode()).hexdigest()[:10]
+    mask_file = ws.masks_dir / f"{image_id}_{case.kind[:4]}{case.abnormality_id}_{digest}.png"
+    if not mask_file.exists():
+        write_png(mask.astype(np.uint8) * 255, mask_file)
     return Finding(kind=case.kind, geometry_type="mask", geometry=mask_geometry(mask),
                    pathology=case.pathology, label=f"abnormality {case.abnormality_id} ({case.kind})",
                    mask_path=str(mask_file), attributes=attributes)

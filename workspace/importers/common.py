@@ -6,8 +6,8 @@ Every rule the four importers have in common lives here once:
 - :class:`ImportReport` counts images and lesions (new and already present), lesions clipped or
   dropped because they fall outside their image, and every skip with its reason; ``to_text()`` is
   the summary printed at the end of ``mammo import``.
-- :func:`label_from_birads`, :func:`density_letter`: one mapping of BI-RADS to the catalog's binary
-  label and of density scales to A-D.
+- :func:`label_from_birads` (from :mod:`workspace.ingest`, the generator's rule too), :func:`density_letter`:
+  one mapping of BI-RADS to the catalog's binary label and of density scales to A-D.
 - ``*_geometry`` builders and :func:`fit_to_image`: lesion geometries in ORIGINAL pixel coordinates
   (x = column, y = row, continuous: pixel (c, r) covers [c, c+1) x [r, r+1); shapes as in
   :func:`workspace.dicom_io.to_normalised`), and what to do with one that leaves its image (clip a box or polygon, drop one wholly outside, report either way).
@@ -27,11 +27,17 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from workspace.errors import MammoError
+from workspace.ingest import label_from_birads  # one rule for every importer: 1/2 -> 0, 0 and 3-6 -> 1
+
+if TYPE_CHECKING:  # annotations only
+    import sqlite_utils
+
+    from workspace.config import Workspace
 
 
 class ImporterError(MammoError):
@@ -45,25 +51,18 @@ class ImporterError(MammoError):
 _BIRADS_RE = re.compile(r"^\s*(?:bi-?rads)?\s*([0-6])\s*([abc])?\s*$", re.IGNORECASE)
 
 
+def _category_text(value: Any) -> str:
+    """A category cell as text; ``"3.0"`` (a spreadsheet's float) reads as ``"3"``."""
+    text = "" if value is None else str(value).strip()
+    return text[:-2] if text.endswith(".0") else text
+
+
 def normalise_birads(value: Any) -> str | None:
     """``"BI-RADS 4"``, ``"4a"``, ``4`` or ``"4.0"`` -> ``"4"`` / ``"4A"``; ``None`` for blanks or junk."""
-    if value is None:
-        return None
-    text = str(value).strip()
-    if text.endswith(".0"):
-        text = text[:-2]
-    match = _BIRADS_RE.match(text)
+    match = _BIRADS_RE.match(_category_text(value))
     if not match:
         return None
     return match.group(1) + (match.group(2) or "").upper()
-
-
-def label_from_birads(birads: str | None) -> int | None:
-    """The catalog's binary label: 0 for BI-RADS 1 or 2 (negative, benign), 1 for every other
-    category (0 needs work-up, 3 to 6 carry a finding to follow), ``None`` when unknown."""
-    if not birads:
-        return None
-    return 0 if birads[0] in "12" else 1
 
 
 def label_from_pathology(pathologies: Iterable[str | None]) -> int:
@@ -77,12 +76,7 @@ _DENSITY_RE = re.compile(r"^\s*(?:density|acr)?\s*([a-d1-4])\s*$", re.IGNORECASE
 
 def density_letter(value: Any) -> str | None:
     """BI-RADS/ACR density as A-D from ``"DENSITY C"``, ``"c"``, ``3`` or ``"3.0"``; ``None`` if blank."""
-    if value is None:
-        return None
-    text = str(value).strip()
-    if text.endswith(".0"):
-        text = text[:-2]
-    match = _DENSITY_RE.match(text)
+    match = _DENSITY_RE.match(_category_text(value))
     if not match:
         return None
     code = match.group(1).upper()
@@ -296,6 +290,14 @@ def find_named(root: Path, names: Iterable[str], max_depth: int = 2, kind: str =
     return found
 
 
+def dataset_folder(root: str | Path, title: str) -> Path:
+    """The folder a user named for an import, absolute; :class:`ImporterError` when it is not a folder."""
+    folder = Path(root).expanduser().resolve()
+    if not folder.is_dir():
+        raise ImporterError(f"{title}: {folder} is not a folder")
+    return folder
+
+
 def read_text(path: Path) -> str:
     """A text file as str, tolerating a BOM and the Latin-1 some releases were saved in."""
     raw = Path(path).read_bytes()
@@ -377,11 +379,13 @@ def official_split(dataset: str, source_patient_id: str, is_test: bool) -> str:
     return split_for(f"{dataset}\x1f{source_patient_id}", ratios=(8, 1, 0))
 
 
-def image_count(db, dataset: str) -> int:
+def image_count(db: sqlite_utils.Database, dataset: str) -> int:
+    """Images of ``dataset`` in the catalog (before/after counts tell new from existing)."""
     return db.execute("SELECT count(*) FROM images WHERE dataset = ?", [dataset]).fetchone()[0]
 
 
-def lesion_count(db, image_id: str) -> int:
+def lesion_count(db: sqlite_utils.Database, image_id: str) -> int:
+    """Lesions of one image in the catalog."""
     return db.execute("SELECT count(*) FROM lesions WHERE image_id = ?", [image_id]).fetchone()[0]
 
 
@@ -398,7 +402,7 @@ class Finding:
     attributes: dict | None = None
 
 
-def add_lesions(db, image_id: str, rows: int, cols: int, findings: Iterable[Finding], *,
+def add_lesions(db: sqlite_utils.Database, image_id: str, rows: int, cols: int, findings: Iterable[Finding], *,
                 source: str, report: ImportReport, image_ref: str) -> list[int]:
     """Store each finding on a registered image: bounds checked (clip, keep or drop, reported),
     idempotent (a finding already stored is counted as existing, not added twice)."""
@@ -428,7 +432,7 @@ def add_lesions(db, image_id: str, rows: int, cols: int, findings: Iterable[Find
     return ids
 
 
-def register_dicom_counted(ws, db, path: Path, report: ImportReport, **kwargs) -> str | None:
+def register_dicom_counted(ws: Workspace, db: sqlite_utils.Database, path: Path, report: ImportReport, **kwargs) -> str | None:
     """``ingest.register_dicom`` with the outcome counted: new image, existing image, or a skip
     (with the reader's specific reason) so the batch goes on. Returns the image id or ``None``."""
     from workspace.ingest import register_dicom
@@ -452,7 +456,7 @@ def register_dicom_counted(ws, db, path: Path, report: ImportReport, **kwargs) -
 __all__ = [
     "ImporterError", "ImportReport", "Finding", "normalise_birads", "label_from_birads",
     "label_from_pathology", "density_letter", "box_geometry", "polygon_geometry", "point_geometry",
-    "circle_geometry", "mask_geometry", "fit_to_image", "find_named", "read_text", "read_table",
+    "circle_geometry", "mask_geometry", "fit_to_image", "find_named", "dataset_folder", "read_text", "read_table",
     "column_key", "as_float", "official_split", "add_lesions", "register_dicom_counted",
     "INSIDE", "CLIPPED", "PARTLY_OUTSIDE", "OUTSIDE",
 ]

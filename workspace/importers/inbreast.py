@@ -23,12 +23,14 @@ import plistlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from xml.parsers.expat import ExpatError
 
 from workspace.importers.common import (
     Finding,
     ImporterError,
     ImportReport,
+    dataset_folder,
     density_letter,
     find_named,
     label_from_birads,
@@ -37,6 +39,11 @@ from workspace.importers.common import (
     polygon_geometry,
     read_table,
 )
+
+if TYPE_CHECKING:  # annotations only
+    import sqlite_utils
+
+    from workspace.config import Workspace
 
 DATASET = "inbreast"
 TITLE = "INbreast (AllDICOMs/, AllXML/, INbreast.csv)"
@@ -111,6 +118,7 @@ def read_csv(path: Path) -> dict[str, InbreastRow]:
 
 
 def parse_point(text: str) -> tuple[float, float]:
+    """``"(x, y)"`` (or ``"(x, y, z)"``, OsiriX's mm form) as ``(x, y)``; ``ValueError`` otherwise."""
     match = _POINT_RE.match(str(text))
     if not match:
         raise ValueError(f"not an '(x, y)' point: {text!r}")
@@ -129,8 +137,14 @@ def read_rois(path: Path) -> list[Roi]:
         raise ImporterError(f"{Path(path).name}: no 'Images' array (not an INbreast ROI file)")
     rois = []
     for image in images:
-        for roi in image.get("ROIs", []) or []:
+        entries = image.get("ROIs", []) if isinstance(image, dict) else None
+        if not isinstance(entries, list) or not all(isinstance(roi, dict) for roi in entries or []):
+            raise ImporterError(f"{Path(path).name}: an 'Images' entry without a list of ROI dictionaries "
+                                "(not an INbreast ROI file)")
+        for roi in entries:
             raw = roi.get("Point_px") or []
+            if not isinstance(raw, list):
+                raise ImporterError(f"{Path(path).name}: ROI {roi.get('Name')!r}: Point_px is not a list")
             try:
                 points = [parse_point(p) for p in raw]
             except ValueError as error:
@@ -161,6 +175,7 @@ def findings_of(rois: list[Roi], image_birads: str | None) -> tuple[list[Finding
 
 
 def looks_like(root: Path) -> bool:
+    """An ``INbreast.csv`` or an ``AllDICOMs`` folder in ``root`` or one folder down."""
     root = Path(root)
     return bool(find_named(root, (CSV_NAME,), max_depth=1)
                 or find_named(root, ("AllDICOMs",), max_depth=1, kind="dir"))
@@ -174,16 +189,14 @@ def _dataset_root(root: Path) -> Path:
     return found[0].parent
 
 
-def import_dataset(ws, root: Path, *, db=None, dataset: str | None = None, **_options) -> ImportReport:
+def import_dataset(ws: Workspace, root: str | Path, *, db: sqlite_utils.Database | None = None, dataset: str | None = None, **_options) -> ImportReport:
     """Import an INbreast folder; see the module docstring for what lands where."""
     from workspace.catalog import open_catalog
     from workspace.importers.common import add_lesions, register_dicom_counted
     from workspace.progress import progress
 
     name = dataset or DATASET
-    root = Path(root).expanduser().resolve()
-    if not root.is_dir():
-        raise ImporterError(f"INbreast: {root} is not a folder")
+    root = dataset_folder(root, "INbreast")
     base = _dataset_root(root)
     csv_path = next(iter(find_named(base, (CSV_NAME,), max_depth=0)), None)
     if csv_path is None:

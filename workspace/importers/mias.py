@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -33,10 +34,16 @@ from workspace.importers.common import (
     ImportReport,
     as_float,
     circle_geometry,
+    dataset_folder,
     find_named,
     label_from_pathology,
     read_text,
 )
+
+if TYPE_CHECKING:  # annotations only
+    import sqlite_utils
+
+    from workspace.config import Workspace
 
 DATASET = "mini-mias"
 TITLE = "mini-MIAS (PGM images + Info.txt)"
@@ -83,6 +90,7 @@ class MiasRow:
 
     @property
     def number(self) -> int:
+        """The reference number (``mdb012`` -> 12)."""
         return int(_REF_RE.match(self.refnum).group(1))
 
 
@@ -261,20 +269,19 @@ def pgm_to_dicom(pixels: np.ndarray, out: Path, *, refnum: str, source_sha1: str
     return out
 
 
-def import_dataset(ws, root: Path, *, db=None, dataset: str | None = None, **_options) -> ImportReport:
+def import_dataset(ws: Workspace, root: str | Path, *, db: sqlite_utils.Database | None = None, dataset: str | None = None, **_options) -> ImportReport:
     """Import a mini-MIAS folder; see the module docstring for what lands where.
 
-    Each PGM is converted to a DICOM file under ``<workspace>/dicom/mini-mias/`` (the catalog's
-    ``source_path``), then registered through ``ingest.register_dicom`` like every other image.
+    Each PGM is converted to a DICOM file ``<workspace>/dicom/mini-mias/mdbNNN_<sha1 of the PGM>.dcm``
+    (the catalog's ``source_path``), then registered through ``ingest.register_dicom`` like every
+    other image.
     """
     from workspace.catalog import file_sha1, open_catalog
     from workspace.importers.common import add_lesions, register_dicom_counted
     from workspace.progress import progress
 
     name = dataset or DATASET
-    root = Path(root).expanduser().resolve()
-    if not root.is_dir():
-        raise ImporterError(f"mini-MIAS: {root} is not a folder")
+    root = dataset_folder(root, "mini-MIAS")
     info = _find_info(root)
     rows, bad = parse_info(info)
     report = ImportReport(name, str(root))
@@ -296,14 +303,21 @@ def import_dataset(ws, root: Path, *, db=None, dataset: str | None = None, **_op
             continue
         try:
             pixels = read_pgm(path)
+            sha1 = file_sha1(path)
         except ImporterError as error:
             report.skip(path, "unreadable image", str(error))
+            continue
+        except OSError as error:
+            report.skip(path, "unreadable image", f"cannot read file: {error.strerror or error}")
             continue
         if pixels.shape != (IMAGE_SIZE, IMAGE_SIZE):
             report.warn(f"{path.name}: {pixels.shape[0]} x {pixels.shape[1]} pixels, the README says every "
                         f"image is {IMAGE_SIZE} x {IMAGE_SIZE}; coordinates taken from its bottom edge")
-        converted = pgm_to_dicom(pixels, converted_dir / f"{refnum}.dcm", refnum=refnum,
-                                 source_sha1=file_sha1(path))
+        # Named by the PGM's content: another copy of mdbNNN (another --dataset, a corrected file) gets
+        # its own DICOM instead of overwriting the file an image already in the catalog is read from.
+        converted = converted_dir / f"{refnum}_{sha1[:12]}.dcm"
+        if not converted.is_file():
+            pgm_to_dicom(pixels, converted, refnum=refnum, source_sha1=sha1)
         pathologies = [SEVERITY.get(r.severity or "") for r in image_rows if r.cls != "NORM"]
         image_id = register_dicom_counted(
             ws, db, converted, report, dataset=name, patient_source_id=patient_of(refnum),

@@ -25,6 +25,7 @@ from __future__ import annotations
 import ast
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from workspace.importers.common import (
     Finding,
@@ -32,12 +33,18 @@ from workspace.importers.common import (
     ImportReport,
     as_float,
     box_geometry,
+    dataset_folder,
     density_letter,
     find_named,
     label_from_birads,
     normalise_birads,
     read_table,
 )
+
+if TYPE_CHECKING:  # annotations only
+    import sqlite_utils
+
+    from workspace.config import Workspace
 
 DATASET = "vindr-mammo"
 TITLE = "VinDr-Mammo (images/<study>/<image>.dicom + annotation CSVs)"
@@ -106,6 +113,7 @@ def kind_of(categories: list[str]) -> str | None:
 
 
 def read_images(path: Path) -> list[VindrImage]:
+    """The rows of ``breast-level_annotations.csv`` (:class:`ImporterError` naming missing columns)."""
     rows = read_table(path, _IMAGE_COLUMNS, what="VinDr-Mammo breast-level CSV")
     images = []
     for row in rows:
@@ -149,6 +157,7 @@ def read_findings(path: Path, report: ImportReport) -> dict[str, list[Finding]]:
 
 
 def looks_like(root: Path) -> bool:
+    """One of the two annotation CSVs in ``root`` or one folder down."""
     root = Path(root)
     return bool(find_named(root, (BREAST_CSV, FINDING_CSV), max_depth=1))
 
@@ -161,16 +170,14 @@ def _dataset_root(root: Path) -> Path:
     return found[0].parent
 
 
-def import_dataset(ws, root: Path, *, db=None, dataset: str | None = None, **_options) -> ImportReport:
+def import_dataset(ws: Workspace, root: str | Path, *, db: sqlite_utils.Database | None = None, dataset: str | None = None, **_options) -> ImportReport:
     """Import a VinDr-Mammo folder; see the module docstring for what lands where."""
     from workspace.catalog import open_catalog
     from workspace.importers.common import add_lesions, official_split, register_dicom_counted
     from workspace.progress import progress
 
     name = dataset or DATASET
-    root = Path(root).expanduser().resolve()
-    if not root.is_dir():
-        raise ImporterError(f"VinDr-Mammo: {root} is not a folder")
+    root = dataset_folder(root, "VinDr-Mammo")
     base = _dataset_root(root)
     images = read_images(base / BREAST_CSV)
     report = ImportReport(name, str(base))
