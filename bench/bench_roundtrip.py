@@ -7,8 +7,9 @@ present, else an untrained ``vgg16_slim`` with 512-pixel patches (same cost); a 
 dissection run), starts a real Label Studio and the real backend (gunicorn), provisions "Screening
 reads", then times ``POST /api/ml/{id}/interactive-annotating`` as the UI sends it:
 
-- **cached**: the image's read (maps) is cached; each trial is a new ROI (a disk at a random place in
-  the breast), so Label Studio -> backend -> IoU of every unit -> masks -> RLE -> report -> back;
+- **cached**: the image's read (maps) is cached and its patch masks built (the backend builds them in
+  the background once a task is predicted or first queried); each trial is a new ROI (a disk at a random
+  place in the breast), so Label Studio -> backend -> IoU of every unit -> masks -> RLE -> report -> back;
 - **forward**: the first ROI on an image nobody read yet: the backend reads the whole mammogram
   (every tissue patch through the model) before answering.
 
@@ -136,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             elapsed, _ = ask(task)
             forward.append(elapsed)
             print(f"forward  {task['data']['image_id']}: {elapsed:7.1f} ms", flush=True)
-        ask(tasks[0])  # warm: read the first image
+        ask(tasks[0])  # the first ROI reads the image; the backend then builds its patch masks in the background
+        time.sleep(8)
         last = None
         for _ in range(args.trials):
             elapsed, last = ask(tasks[0])

@@ -155,7 +155,8 @@ def scatter(points: MapPoints, selected: set[int] | None = None) -> tuple[list[d
     ev = points.explained_variance
     axis = [f"PC{i + 1}" + (f" ({ev[i] * 100:.0f}% of variance)" if len(ev) > i else "") for i in range(2)]
     layout = {"dragmode": "lasso", "hovermode": "closest", "showlegend": True,
-              "legend": {"orientation": "h", "y": -0.15}, "margin": {"l": 40, "r": 10, "t": 10, "b": 40},
+              "legend": {"orientation": "h", "x": 0, "xanchor": "left", "y": -0.18, "yanchor": "top"},
+              "margin": {"l": 50, "r": 10, "t": 10, "b": 10},
               "xaxis": {"title": {"text": axis[0]}}, "yaxis": {"title": {"text": axis[1]}}}
     return traces, layout
 

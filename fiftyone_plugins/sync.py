@@ -34,7 +34,7 @@ from workspace.config import Workspace
 from workspace.errors import MammoError
 from workspace.progress import progress
 
-SYNC_VERSION = 1
+SYNC_VERSION = 2
 N_TOP_UNITS = 5
 MASK_SIZE = 64          # resolution of the stored per-unit masks (the App scales them to the patch)
 UNLABELLED = "unlabelled"
@@ -139,10 +139,23 @@ def sync_with_summary(ws: Workspace, run: Any, *, prefix: str = DEFAULT_PREFIX, 
             ds.info["mammo"] = dict(meta, kind=kind)
             ds.save()
         patches_ds.add_dynamic_sample_fields()   # unit/rank of the masks: filterable in the sidebar
+        _patches_look(fo, patches_ds)
         written_p, written_n = len(patch_samples), len(neuron_samples)
     changed = refresh_concepts(ws, neurons_ds)
     summary = SyncSummary(patches_name, neurons_name, written_p, written_n, changed)
     return patches_ds, neurons_ds, summary
+
+
+def _patches_look(fo: Any, ds: Any) -> None:
+    """Grid defaults: lesion/normal and the unit masks on, in colours that read on grey tissue."""
+    ds.app_config.active_fields = fo.ActiveFields(paths=["ground_truth", "unit_masks"])
+    ds.app_config.color_scheme = fo.ColorScheme(
+        color_by="field", opacity=0.45,
+        fields=[{"path": "unit_masks", "fieldColor": "#ffd000"},
+                {"path": "ground_truth", "colorByAttribute": "label", "fieldColor": "#0072b2",
+                 "valueColors": [{"value": "lesion", "color": "#d55e00"}, {"value": "normal", "color": "#0072b2"}]},
+                {"path": "prediction", "fieldColor": "#cc79a7"}])
+    ds.save()
 
 
 def _variance_ratio(run: Any) -> list[float]:

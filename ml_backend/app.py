@@ -35,6 +35,7 @@ import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,10 @@ class Backend:
         self._reads = _Lru(16)
         self._patch_masks = _Lru(64)
         self._images = _Lru(256)
+        self._activations = _Lru(64)
+        self._masks_lock = threading.Lock()
+        self._warming: set[str] = set()
+        self._warmer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm-masks")
         self._forward_lock = threading.Lock()
         self._labelstudio: tuple[str, str] | None = None
         self._emails: dict[int, str | None] = {}
@@ -171,6 +176,33 @@ class Backend:
                                         size=int(read.boxes[index][2]))
 
         return self._patch_masks.get((image_id, int(index)), load)
+
+    def image_masks(self, image_id: str):
+        """The query engine's per-patch masks of an image (built lazily, kept in its cache)."""
+        from workspace.query import image_masks_for
+
+        self.read(image_id)  # a forward pass, when needed, under the backend's lock
+        with self._masks_lock:  # the engine's cache is a plain OrderedDict
+            return image_masks_for(self.ws, image_id, self.loaded, self.run)
+
+    def warm(self, image_id: str) -> None:
+        """Build every patch's masks of an image in the background, so the reader's first ROIs are fast."""
+        if image_id in self._warming:
+            return
+        self._warming.add(image_id)
+
+        def work() -> None:
+            try:
+                masks = self.image_masks(image_id)
+                for p in range(len(masks.boxes)):
+                    masks.patch(p)
+                    masks.own_area(p)
+            except Exception:  # noqa: BLE001 - a warm-up failure only costs speed; the request path reports errors
+                log.warning("warming the masks of %s failed:\n%s", image_id, traceback.format_exc())
+            finally:
+                self._warming.discard(image_id)
+
+        self._warmer.submit(work)
 
     def labels(self) -> dict:
         return self.store.labels(self.run.model_digest, self.run.layer)
@@ -267,6 +299,8 @@ class Backend:
             report = self.report(image_id, maps=maps[[index]] if info.kind == lc.PATCH_REVIEW else maps,
                                  labels=labels, patch_box=boxes[index] if info.kind == lc.PATCH_REVIEW else None)
             result.append(pr.text_area(report.to_text(), to_name=info.image_name))
+        if info.kind == lc.SCREENING:
+            self.warm(image_id)
         return {"result": result, "score": score, "model_version": self.model_version}
 
     def unit_mask_on(self, image_id: str, index: int, unit: int, offset, size_wh) -> np.ndarray:
@@ -286,7 +320,8 @@ class Backend:
         from workspace.dissection import max_activations
         from workspace.reports import build_report
 
-        acts = max_activations(np.asarray(maps, dtype=np.float32)).max(axis=0)
+        key = (image_id, None if patch_box is None else tuple(int(v) for v in patch_box))
+        acts = self._activations.get(key, lambda: max_activations(np.asarray(maps, dtype=np.float32)).max(axis=0))
         return build_report(acts, self.thresholds, labels, iou=iou, aligned=aligned,
                             iou_threshold=self.iou_threshold, image_id=image_id, patch_box=patch_box,
                             model_digest=self.run.model_digest, layer=self.run.layer, run_id=self.run.run_id,
@@ -296,14 +331,15 @@ class Backend:
     def query(self, task: dict, info: lc.ConfigInfo, results: list | None) -> dict:
         """Answer an ROI: ``{"image_id", "roi" (mask), "iou" (units,), "ranking", "aligned", "masks"
         (callable unit -> full-size mask of the displayed image), "patch_box", "index"}``."""
-        from workspace.query import query_image, query_patch
+        from workspace.query import query_patch
 
         task_id, image_id, row = self._task_image(task)
         if info.kind == lc.SCREENING:
             width, height = int(row["cols"]), int(row["rows"])
             roi = pr.roi_mask(results, info, width, height)
-            self.read(image_id)  # a forward pass, when needed, under the backend's lock
-            answer = query_image(self.ws, image_id, roi, self.loaded, self.run, iou_threshold=self.iou_threshold)
+            # = workspace.query.query_image(ws, image_id, roi, loaded, run), with the masks warmed and shared
+            answer = self.image_masks(image_id).query(roi, self.iou_threshold)
+            self.warm(image_id)
             iou = np.asarray(answer.iou, dtype=np.float64)
             return {"image_id": image_id, "roi": roi, "iou": iou, "ranking": [int(u) for u in answer.ranking],
                     "aligned": [int(u) for u in answer.aligned], "mask": answer.mask_of, "patch_box": None,
@@ -320,12 +356,10 @@ class Backend:
 
     def interactive(self, task: dict, info: lc.ConfigInfo, context: dict, *, asked_by: str = "labelstudio") -> dict:
         """The aligned units' masks (top ``top_units``, the most aligned first) and the report."""
-        from workspace.concepts import encode_roi
-
         results = context.get("result") if isinstance(context, dict) else None
         q = self.query(task, info, results)
         labels = self.labels()
-        roi_geometry = encode_roi(q["roi"])
+        roi_geometry = pr.roi_geometry(q["roi"])
         query_id = self.store.record_query(
             self.run.model_digest, self.run.layer, roi=roi_geometry, ranking=q["iou"], aligned=q["aligned"],
             iou_threshold=self.iou_threshold, asked_by=asked_by, source="labelstudio", image_id=q["image_id"],

@@ -140,7 +140,7 @@ def roi_mask(results: Sequence[dict] | None, info: lc.ConfigInfo, width: int, he
     if not regions:
         raise RequestError("no ROI in the request: draw a brush region labelled "
                            f"\"{lc.ROI_LABEL}\" on the image", code="no_roi")
-    mask = np.zeros((height, width), dtype=bool)
+    mask = None
     for r in regions:
         value = r.get("value") or {}
         ow, oh = r.get("original_width"), r.get("original_height")
@@ -150,12 +150,32 @@ def roi_mask(results: Sequence[dict] | None, info: lc.ConfigInfo, width: int, he
         if value.get("format", "rle") != "rle" or "rle" not in value:
             raise RequestError("the ROI is not a brush region with an RLE mask", code="malformed_rle")
         try:
-            mask |= decode_mask(value["rle"], width, height)
+            drawn = decode_mask(value["rle"], width, height)
+            mask = drawn if mask is None else mask | drawn
         except RleError as error:
             raise RequestError(f"malformed ROI: {error}", code="malformed_rle") from None
-    if not mask.any():
+    if mask is None or not mask.any():
         raise RequestError("the ROI is empty: paint at least a few pixels with the ROI brush", code="empty_roi")
     return mask
+
+
+def roi_geometry(mask: np.ndarray) -> dict:
+    """``workspace.concepts.encode_roi(mask)``, computed on the mask's bounding box only (a full
+    mammogram's mask is millions of pixels; an ROI covers a few thousand)."""
+    mask = np.asarray(mask, dtype=bool)
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return {"type": "mask", "shape": list(mask.shape), "bbox": None, "area": 0, "rle": []}
+    y0, y1 = int(rows[0]), int(rows[-1]) + 1
+    cols = np.flatnonzero(mask[y0:y1].any(axis=0))
+    x0, x1 = int(cols[0]), int(cols[-1]) + 1
+    flat = mask[y0:y1, x0:x1].ravel()
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    runs = np.diff(np.concatenate([[0], change, [flat.size]])).tolist()
+    if flat[0]:
+        runs = [0, *runs]
+    return {"type": "mask", "shape": list(mask.shape), "bbox": [x0, y0, x1 - x0, y1 - y0],
+            "area": int(np.count_nonzero(flat)), "rle": runs}
 
 
 def check_inside(mask: np.ndarray, valid: np.ndarray | None, what: str = "the breast") -> None:
@@ -184,5 +204,5 @@ def as_request_error(error: Exception) -> RequestError:
 
 
 __all__ = ["RequestError", "rectangle", "brush", "choice", "text_area", "assessment", "unit_text",
-           "unit_region_id", "unit_of_region", "roi_regions", "roi_mask", "check_inside", "as_request_error",
+           "unit_region_id", "unit_of_region", "roi_regions", "roi_mask", "roi_geometry", "check_inside", "as_request_error",
            "region_id"]

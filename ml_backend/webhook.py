@@ -148,10 +148,8 @@ def handle_event(backend: Backend, payload: dict) -> dict:
 def _label_from_roi(backend: Backend, task: dict, info: lc.ConfigInfo, results: list, answers: dict, reader: str,
                     action: str, annotation: dict, labelled: dict, notes: list[str]) -> dict:
     """Query the ROI again (cached maps: cheap), record the query, label the aligned or kept units."""
-    from workspace.concepts import encode_roi
-
     q = backend.query(task, info, results)
-    geometry = encode_roi(q["roi"])
+    geometry = pr.roi_geometry(q["roi"])
     query_id = backend.store.record_query(
         backend.run.model_digest, backend.run.layer, roi=geometry, ranking=q["iou"], aligned=q["aligned"],
         iou_threshold=backend.iou_threshold, asked_by=reader, source="labelstudio", image_id=q["image_id"],

@@ -19,9 +19,4 @@ def pick_device(prefer: str | torch.device | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def memory_format(device: torch.device) -> torch.memory_format:
-    """channels_last on the CPU (measured ~2x faster training for the slim VGG here) and on CUDA."""
-    return torch.channels_last
-
-
-__all__ = ["DEVICE_ENV", "pick_device", "memory_format"]
+__all__ = ["DEVICE_ENV", "pick_device"]

@@ -18,7 +18,6 @@ carries its metrics.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -256,8 +255,4 @@ def train(data: PatchData, recipe: Recipe, out_dir: str | os.PathLike, *, device
     return TrainResult(path=path, digest=digest, meta=meta, history=history, resumed_from_epoch=start_epoch)
 
 
-def copy_recipe(recipe: Recipe, **changes: Any) -> Recipe:
-    return dataclasses.replace(copy.deepcopy(recipe), **changes)
-
-
-__all__ = ["PAPER_EPOCHS", "SLIM_CPU_EPOCHS", "Recipe", "TrainResult", "augment", "train", "copy_recipe"]
+__all__ = ["PAPER_EPOCHS", "SLIM_CPU_EPOCHS", "Recipe", "TrainResult", "augment", "train"]

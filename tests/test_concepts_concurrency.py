@@ -13,14 +13,19 @@ WRITES = 1000
 CONCEPTS = ("mass", "Calcification", "architectural distortion")
 
 
-def _labeller(path: str, worker: int, start, results) -> None:
-    """One process: WRITES single-unit label transactions on its own units (worker*WRITES + i)."""
+def _labeller(path: str, worker: int, start, middle, results) -> None:
+    """One process: WRITES single-unit label transactions on its own units (worker*WRITES + i).
+
+    Half way, each waits for the other at a barrier, so the two are writing at the same time whatever
+    the scheduler does on a loaded machine (without it one could finish before the other starts)."""
     errors: list[str] = []
     try:
         store = ConceptStore(path)
         start.wait(30)
         began, began_wall = time.perf_counter(), time.time()
         for i in range(WRITES):
+            if i == WRITES // 2:
+                middle.wait(120)
             try:
                 # every concept is created by whichever process gets there first: the other one merges
                 store.label_units(MODEL, LAYER, [worker * WRITES + i], CONCEPTS[i % 3].upper() if worker else
@@ -37,8 +42,9 @@ def _labeller(path: str, worker: int, start, results) -> None:
 def test_two_processes_label_at_once_lose_nothing(ws):
     ConceptStore(ws).close()                      # schema in place before the race
     ctx = mp.get_context("spawn")
-    start, results = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_labeller, args=(str(ws.catalog_path), w, start, results)) for w in (0, 1)]
+    start, middle, results = ctx.Event(), ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_labeller, args=(str(ws.catalog_path), w, start, middle, results))
+             for w in (0, 1)]
     for p in procs:
         p.start()
     time.sleep(1.0)                               # both are importing/connected: start together
@@ -75,13 +81,15 @@ def test_two_processes_label_at_once_lose_nothing(ws):
 SHARED_UNITS = 40
 
 
-def _relabeller(path: str, worker: int, start, results) -> None:
-    """One process: 500 single-unit writes on units the other process writes too."""
+def _relabeller(path: str, worker: int, start, middle, results) -> None:
+    """One process: 500 single-unit writes on units the other process writes too (meeting half way)."""
     errors: list[str] = []
     try:
         store = ConceptStore(path)
         start.wait(30)
         for i in range(500):
+            if i == 250:
+                middle.wait(120)
             try:
                 store.label_units(MODEL, LAYER, [(i * 7 + worker) % SHARED_UNITS], CONCEPTS[(i + worker) % 3],
                                   by=f"proc-{worker}", source="api", n_units=SHARED_UNITS)
@@ -98,8 +106,9 @@ def test_racing_relabels_keep_a_consistent_history(ws):
     (no lost update), same-concept writes leave no event, and replaying the history gives the labels."""
     ConceptStore(ws).close()
     ctx = mp.get_context("spawn")
-    start, results = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_relabeller, args=(str(ws.catalog_path), w, start, results)) for w in (0, 1)]
+    start, middle, results = ctx.Event(), ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_relabeller, args=(str(ws.catalog_path), w, start, middle, results))
+             for w in (0, 1)]
     for p in procs:
         p.start()
     time.sleep(1.0)

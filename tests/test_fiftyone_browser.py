@@ -29,7 +29,10 @@ gd.data.forEach(t => t.ids.forEach((id, i) => {
   out[id] = [r.left + fl.xaxis._offset + fl.xaxis.l2p(t.x[i]) - (r.left + r.width / 2),
              r.top + fl.yaxis._offset + fl.yaxis.l2p(t.y[i]) - (r.top + r.height / 2)];
 }));
-return out;"""
+const cx = r.left + r.width / 2, cy = r.top + r.height / 2;
+const area = [r.left + fl.xaxis._offset - cx, r.top + fl.yaxis._offset - cy,
+              r.left + fl.xaxis._offset + fl.xaxis._length - cx, r.top + fl.yaxis._offset + fl.yaxis._length - cy];
+return {points: out, area: area};"""
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +76,14 @@ def _shot(d, name: str) -> Path:
     return path
 
 
-def _lasso_box(points: dict[int, list[float]]):
-    """A box around some unit holding 2+ points, with no point within 5 px of its border."""
+def _lasso_box(points: dict[int, list[float]], area: list[float]):
+    """A box inside the plot area around some unit, holding 2+ points, none within 5 px of its border."""
     for centre in sorted(points):
         cx, cy = points[centre]
         for half in (60, 50, 40, 70, 30):
+            if cx - half < area[0] + 5 or cy - half < area[1] + 5 or cx + half > area[2] - 5 \
+                    or cy + half > area[3] - 5:
+                continue
             dist = {u: max(abs(x - cx), abs(y - cy)) for u, (x, y) in points.items()}
             if any(half - 5 <= v <= half + 5 for v in dist.values()):
                 continue
@@ -87,7 +93,18 @@ def _lasso_box(points: dict[int, list[float]]):
     raise AssertionError(f"no clean lasso box among {points}")
 
 
-def test_neuron_map_click_lasso_and_label_in_the_real_app(fo_synced, fo_app, browser):
+def test_neuron_map_click_lasso_and_label_in_the_real_app(fo_pipeline, fo_app, browser):
+    try:
+        _drive_the_app(fo_pipeline, fo_app, browser)
+    finally:  # the pipeline workspace is shared: leave its labels as they were
+        with ConceptStore(fo_pipeline.ws) as store:
+            if store.find_concept("Browser concept") is not None:
+                store.remove_labels(fo_pipeline.run.model_digest, fo_pipeline.run.layer,
+                                    concept="Browser concept", by="test-cleanup", source="api")
+
+
+def _drive_the_app(fo_synced, fo_app, browser):
+    from fiftyone import ViewField as F
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
@@ -101,20 +118,23 @@ def test_neuron_map_click_lasso_and_label_in_the_real_app(fo_synced, fo_app, bro
     time.sleep(1.0)
     _shot(d, "fiftyone_neuron_map.png")
     plot = d.find_element(By.CSS_SELECTOR, ".js-plotly-plot")
-    points = {int(k): v for k, v in d.execute_script(POINTS_JS).items()}
-    assert sorted(points) == list(range(16))
+    geometry = d.execute_script(POINTS_JS)
+    points = {int(k): v for k, v in geometry["points"].items()}
+    assert sorted(points) == list(range(fo_synced.run.n_units))
 
     # click a unit: the grid shows its top-k patches, best first
     k = np.asarray(fo_synced.run.top_k).shape[1]
-    unit = 6
+    unit = int(np.argmax(np.asarray(fo_synced.run.top_k_values)[:, 0]))
     ActionChains(d).move_to_element_with_offset(plot, int(points[unit][0]), int(points[unit][1])) \
         .pause(0.4).click().perform()
     _wait(lambda: re.search(rf"(?<!\d){k} samples", _body(d)) and f"Unit {unit} shown" in _body(d))
     time.sleep(1.5)  # the grid's thumbnails
     _shot(d, "fiftyone_unit_top_patches.png")
+    montage = fo_synced.neurons.match(F("unit") == unit).first().filepath
+    shutil.copyfile(montage, IMG_DIR / "fiftyone_unit_montage.png")
 
     # lasso a box around a unit; the expected selection is every point clearly inside it
-    (cx, cy), half, inside = _lasso_box(points)
+    (cx, cy), half, inside = _lasso_box(points, geometry["area"])
     corners = [(cx - half, cy - half), (cx + half, cy - half), (cx + half, cy + half), (cx - half, cy + half),
                (cx - half, cy - half)]
     chain = ActionChains(d).move_to_element_with_offset(plot, int(corners[0][0]), int(corners[0][1])).click_and_hold()
@@ -131,7 +151,7 @@ def test_neuron_map_click_lasso_and_label_in_the_real_app(fo_synced, fo_app, bro
     time.sleep(1.0)  # the App debounces text input into the panel state
     _shot(d, "fiftyone_lasso_selection.png")
     d.find_element(By.XPATH, f"//button[normalize-space()='Label {len(inside)} unit(s)']").click()
-    _wait(lambda: f'as "Browser concept"' in _body(d))
+    _wait(lambda: 'as "Browser concept"' in _body(d))
     with ConceptStore(fo_synced.ws) as store:
         labels = store.labels(fo_synced.run.model_digest, fo_synced.run.layer)
         events = store.history(fo_synced.run.model_digest, fo_synced.run.layer, concept="Browser concept")

@@ -13,11 +13,13 @@ from PIL import Image
 
 from tests.fixtures.importers import (
     CBIS_LAYOUTS,
+    assert_all_imported,
     build_cbis,
     catalog_image,
     catalog_lesions,
     catalog_patient,
     counts,
+    lesion_total,
 )
 from workspace.catalog import open_catalog
 from workspace.importers import cbis_ddsm
@@ -27,9 +29,7 @@ from workspace.ingest import resolve_path
 
 def _check_round_trip(ws, truth, report):
     db = open_catalog(ws)
-    n_lesions = sum(len(im["lesions"]) for im in truth["images"])
-    assert (report.images_new, report.lesions_new) == (len(truth["images"]), n_lesions)
-    assert counts(db)[:2] == (len(truth["images"]), n_lesions)
+    assert_all_imported(db, report, truth)
     for expected in truth["images"]:
         row = catalog_image(ws, db, expected["file"])
         patient = catalog_patient(db, row["patient_id"])
@@ -103,7 +103,7 @@ def test_mask_of_wrong_size_rescaled_or_skipped(ws, tmp_path):
     skipped = cbis_ddsm.import_dataset(other, root, mask_mismatch="skip")
     assert skipped.skip_counts() == {"mask size mismatch": 1}
     assert truth["mismatch"] in skipped.skipped[0][0]
-    n_lesions = sum(len(im["lesions"]) for im in truth["images"])
+    n_lesions = lesion_total(truth)
     assert skipped.lesions_new == n_lesions - 1
     with pytest.raises(ImporterError, match="mask_mismatch must be one of rescale, skip"):
         cbis_ddsm.import_dataset(other, root, mask_mismatch="stretch")
@@ -171,7 +171,7 @@ def test_unreadable_mask_or_crop_and_a_bad_csv_row_do_not_stop_the_import(ws, tm
     assert report.skip_counts() == {"unreadable ROI mask": 1, "unreadable CSV row": 1}, report.to_text()
     assert (f"{first['case']} abnormality 1", "unreadable ROI mask") in [(w, r) for w, r, _ in report.skipped]
     assert "pixels cannot be read" in report.to_text() and "pathology 'MAYBE'" in report.to_text()
-    n_lesions = sum(len(im["lesions"]) for im in truth["images"])
+    n_lesions = lesion_total(truth)
     assert (report.images_new, report.lesions_new) == (len(truth["images"]), n_lesions - 1)
 
 

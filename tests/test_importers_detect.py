@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from tests.fixtures.dicom import breast_phantom, write_dicom
-from tests.fixtures.importers import build_cbis, build_inbreast, build_mias, build_vindr, counts
+from tests.fixtures.importers import build_cbis, build_inbreast, build_mias, build_vindr, counts, lesion_total
 from workspace.catalog import open_catalog
 from workspace.cli import main
 from workspace.importers import FORMATS, detect_format, import_auto
@@ -67,6 +67,12 @@ def test_cli_imports_every_data_set(folders, tmp_path, capsys, fmt):
         assert main(argv) == 0  # idempotent from the command line too
         assert f"{n_images} images (0 new, {n_images} already in the catalog)" in capsys.readouterr().out
         assert counts(db)[0] == n_images
+        # the data set's patient keys stay in the catalog's patients table: no file the workspace wrote
+        # (display and mask PNGs, converted DICOMs) carries one in its name or its bytes
+        patients = {im["patient"] for im in truth["images"]}
+        written = [p for p in ws_dir.rglob("*") if p.is_file() and not p.name.startswith("catalog.sqlite")]
+        assert written and not [p for p in written if any(k in p.name or k.encode() in p.read_bytes()
+                                                           for k in patients)], name
 
 
 def test_cli_reports_a_broken_data_set_in_one_line(tmp_path, capsys):
@@ -81,7 +87,7 @@ def test_cli_reports_a_broken_data_set_in_one_line(tmp_path, capsys):
 def test_cli_mask_mismatch_option(tmp_path, capsys):
     root = tmp_path / "cbis"
     truth = build_cbis(root, layout="nbia-classic", mismatch=True)
-    n_lesions = sum(len(im["lesions"]) for im in truth["images"])
+    n_lesions = lesion_total(truth)
     assert main(["import", str(root), "--format", "cbis-ddsm", "--mask-mismatch", "skip",
                  "--workspace", str(tmp_path / "ws")]) == 0
     out = capsys.readouterr().out

@@ -7,7 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.fixtures.importers import catalog_lesions, catalog_patient, counts, write_pgm
+from tests.fixtures.importers import (
+    assert_all_imported,
+    catalog_lesions,
+    catalog_patient,
+    counts,
+    write_pgm,
+)
 from workspace.catalog import open_catalog
 from workspace.dicom_io import read_dicom
 from workspace.importers import mias
@@ -27,9 +33,8 @@ def test_round_trip(ws, mias_folder):
     root, truth = mias_folder
     report = mias.import_dataset(ws, root)
     db = open_catalog(ws)
-    n_lesions = sum(len(im["lesions"]) for im in truth["images"])
-    assert (report.images_new, report.lesions_new) == (len(truth["images"]), n_lesions)
-    assert counts(db) == (len(truth["images"]), n_lesions, len(truth["images"]) // 2)
+    assert_all_imported(db, report, truth)
+    assert counts(db)[2] == len(truth["images"]) // 2  # one patient per film pair
     for expected in truth["images"]:
         row = _row_of(db, ws, expected["ref"])
         patient = catalog_patient(db, row["patient_id"])
@@ -67,6 +72,12 @@ def test_circle_centre_comes_from_the_bottom_left_origin(ws, tmp_path):
     # published y = 900 from the bottom is row 124 from the top
     assert lesion["geometry"] == {"cx": 100, "cy": 124, "r": 30} and lesion["kind"] == "mass"
     assert lesion["attributes"]["description"] == "spiculated mass"
+    # a row the catalog cannot store (radius 0) is skipped with its reason; the other rows still land
+    (root / "Info.txt").write_text("mdb010 F SPIC M 100 900 30\nmdb010 F CIRC B 300 500 0\n"
+                                   "mdb010 F CIRC B 300 500 12\n")
+    report = mias.import_dataset(ws, root)
+    assert report.skip_counts() == {"invalid lesion": 1} and "r > 0" in report.to_text()
+    assert (report.lesions_new, report.lesions_existing) == (1, 1)
 
 
 def test_reimport_is_idempotent(ws, mias_folder):

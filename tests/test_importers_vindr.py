@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.fixtures.importers import catalog_image, catalog_lesions, catalog_patient, counts
+from tests.fixtures.importers import (
+    assert_all_imported,
+    catalog_image,
+    catalog_lesions,
+    catalog_patient,
+    counts,
+)
 from workspace.catalog import open_catalog
 from workspace.importers import vindr
 from workspace.importers.common import ImporterError
@@ -15,9 +21,7 @@ def test_round_trip(ws, vindr_folder):
     root, truth = vindr_folder
     report = vindr.import_dataset(ws, root.parent.parent)  # found one level down, as unpacked
     db = open_catalog(ws)
-    n_lesions = sum(len(im["lesions"]) for im in truth["images"])
-    assert (report.images_new, report.lesions_new) == (len(truth["images"]), n_lesions)
-    assert counts(db)[:2] == (len(truth["images"]), n_lesions)
+    assert_all_imported(db, report, truth)
     for expected in truth["images"]:
         row = catalog_image(ws, db, expected["file"])
         patient = catalog_patient(db, row["patient_id"])

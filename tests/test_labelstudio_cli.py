@@ -27,13 +27,13 @@ def mammo(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def test_up_provisions_prints_login_and_stops_on_ctrl_c(labelstudio_server, ls_pipeline, tmp_path_factory):
     server, ws = labelstudio_server, ls_pipeline.ws
-    done = mammo("ls", "connect", server.url, "--token", server.token, "--workspace", str(ws),
+    done = mammo("ls", "connect", server.url, "--token", server.token, "--workspace", str(ws.root),
                  "--document-root", str(server.document_root))
     assert done.returncode == 0, done.stderr
-    bad = mammo("ls", "connect", server.url, "--token", "wrong", "--workspace", str(ws))
+    bad = mammo("ls", "connect", server.url, "--token", "wrong", "--workspace", str(ws.root))
     assert bad.returncode == 1 and "does not accept the token" in bad.stderr
 
-    process = subprocess.Popen([MAMMO, "up", "--workspace", str(ws), "--no-fiftyone"], stdout=subprocess.PIPE,
+    process = subprocess.Popen([MAMMO, "up", "--workspace", str(ws.root), "--no-fiftyone"], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env={**os.environ, "MAMMO_QUIET": "1"})
     lines = []
     try:
@@ -51,10 +51,10 @@ def test_up_provisions_prints_login_and_stops_on_ctrl_c(labelstudio_server, ls_p
         backend = recorded_services(ws)["ml_backend"]
         assert requests.get(f"{backend.url}/health", timeout=10).json()["status"] == "UP"
         # while it runs: provisioning again adds nothing; status lists the services
-        again = mammo("ls", "provision", "--workspace", str(ws))
+        again = mammo("ls", "provision", "--workspace", str(ws.root))
         assert again.returncode == 0, again.stderr
         assert "(0 new)" in again.stdout and "Screening reads" in again.stdout
-        status = mammo("ls", "status", "--workspace", str(ws))
+        status = mammo("ls", "status", "--workspace", str(ws.root))
         assert "ml_backend" in status.stdout and "up" in status.stdout and "annotations received" in status.stdout
     finally:
         process.send_signal(signal.SIGINT)

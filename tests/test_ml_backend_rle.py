@@ -20,10 +20,12 @@ def _masks():
     long_runs[350:, :] = True
     single = np.zeros((5, 5), bool)
     single[2, 3] = True
-    return [noisy, blob, long_runs, single, np.ones((9, 4), bool), np.zeros((6, 6), bool)]
+    corners = np.zeros((50, 70), bool)  # runs that touch the first and the last pixel
+    corners[0, :5] = corners[-1, -3:] = corners[20, 0] = True
+    return [noisy, blob, long_runs, single, np.ones((9, 4), bool), np.zeros((6, 6), bool), corners]
 
 
-@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("index", range(7))
 def test_encoder_writes_exactly_the_sdk_bytes(index):
     mask = _masks()[index]
     ours = encode_mask(mask)
@@ -32,7 +34,7 @@ def test_encoder_writes_exactly_the_sdk_bytes(index):
     assert (decoded[:, :, 3] == mask * 255).all()
 
 
-@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("index", range(7))
 def test_decoder_reads_the_sdk_encoding(index):
     mask = _masks()[index]
     rle = sdk_brush.mask2rle(mask.astype(np.uint8) * 255)
@@ -132,3 +134,11 @@ def test_unit_region_ids_round_trip():
     rid = pr.unit_region_id(417, 12)
     assert pr.unit_of_region({"id": rid}) == 417
     assert pr.unit_of_region({"id": "abc123"}) is None
+
+
+def test_roi_geometry_is_the_concept_stores_encoding():
+    from workspace.concepts import decode_roi, encode_roi
+
+    for mask in _masks():
+        assert pr.roi_geometry(mask) == encode_roi(mask)
+        assert (decode_roi(pr.roi_geometry(mask)) == mask).all()

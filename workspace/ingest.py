@@ -44,9 +44,11 @@ GEOMETRY_TYPES = ("mask", "box", "polygon", "ellipse", "circle", "point")
 PATHOLOGIES = ("malignant", "benign", "benign_without_callback", "unknown")
 NON_MG_POLICIES = ("warn", "refuse")
 
-# images columns that register_dicom owns; ``extra`` may set any other column.
+# images columns that register_dicom owns (or sets by its own arguments and rules: the patient's split,
+# the label from BI-RADS); ``extra`` may set any other column.
 _PROTECTED = {"image_id", "patient_id", "dataset", "source_sha1", "created_at", "rows", "cols",
-              "display_path", "foreground_path", "flip_horizontal", "flip_vertical"}
+              "display_path", "foreground_path", "flip_horizontal", "flip_vertical", "split", "birads",
+              "label", "density", "warnings"}
 
 
 # -- paths -----------------------------------------------------------------------------------------

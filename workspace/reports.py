@@ -28,7 +28,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,6 +37,13 @@ from workspace.concepts import Concept, ConceptStore, encode_roi
 from workspace.dissection import DEFAULT_IOU_THRESHOLD
 from workspace.errors import ConceptError, MammoError
 from workspace.schema import utc_now
+
+if TYPE_CHECKING:  # annotations only: torch is imported when a real report is made
+    import sqlite_utils
+
+    from models.checkpoint import LoadedModel
+    from workspace.config import Workspace
+    from workspace.dissect_run import DissectionRun
 
 
 class ReportError(MammoError):
@@ -107,9 +114,11 @@ class Report:
         return out
 
     def to_json(self, indent: int | None = 2) -> str:
+        """:meth:`to_dict` as JSON (no NaN: values without a number are null)."""
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     def concept(self, name: str) -> ConceptScore:
+        """The score of one concept by name (any case); ``KeyError`` when it has no labelled unit here."""
         for score in self.concepts:
             if score.name.casefold() == name.casefold():
                 return score
@@ -496,7 +505,7 @@ def make_thumbnail(display_u8: np.ndarray, max_side: int = 640, roi_mask: np.nda
     return thumb
 
 
-def latest_run_id(db: Any, model_digest: str | None = None) -> str:
+def latest_run_id(db: sqlite_utils.Database, model_digest: str | None = None) -> str:
     """The newest complete dissection run (of ``model_digest`` when given)."""
     sql = "SELECT run_id FROM dissection_runs WHERE status = 'complete'"
     params: list[Any] = []
@@ -509,10 +518,11 @@ def latest_run_id(db: Any, model_digest: str | None = None) -> str:
     return rows[0][0]
 
 
-def report_for_image(ws: Any, image_id: str, roi: np.ndarray | Sequence[int] | None = None, *,
-                     run: Any = None, loaded: Any = None, patch_box: Sequence[int] | None = None,
-                     store: Any = None, record: bool = False, asked_by: str = "api",
-                     source: str = "api", thumbnail: bool = True) -> Report:
+def report_for_image(ws: Workspace, image_id: str, roi: np.ndarray | Sequence[int] | None = None, *,
+                     run: DissectionRun | str | None = None, loaded: LoadedModel | None = None,
+                     patch_box: Sequence[int] | None = None, store: ConceptStore | None = None,
+                     record: bool = False, asked_by: str = "api", source: str = "api",
+                     thumbnail: bool = True) -> Report:
     """The report of one catalog image (or one patch of its read) with the workspace's current labels.
 
     ``roi``: a boolean mask of the image (rows, cols) or an [x, y, w, h] box, normalised orientation.
@@ -524,14 +534,17 @@ def report_for_image(ws: Any, image_id: str, roi: np.ndarray | Sequence[int] | N
     from workspace import dissect_run, query
 
     db = open_catalog(ws)
-    image = get_image(db, image_id)
-    if run is None or isinstance(run, str):
-        run = dissect_run.load_run(ws, run or latest_run_id(db))
+    try:  # closed here: a long-lived caller (a server) must not collect one connection per report
+        image = get_image(db, image_id)
+        if run is None or isinstance(run, str):
+            run = dissect_run.load_run(ws, run or latest_run_id(db))
+        model_rows = db.execute("SELECT path FROM models WHERE model_digest = ?", [run.model_digest]).fetchall()
+    finally:
+        db.conn.close()
     if loaded is None:
-        rows = list(db.execute("SELECT path FROM models WHERE model_digest = ?", [run.model_digest]).fetchall())
-        if not rows:
+        if not model_rows:
             raise ReportError(f"the model {run.model_digest} of run {run.run_id} is not in the catalog")
-        path = Path(rows[0][0])
+        path = Path(model_rows[0][0])
         loaded = checkpoint.load_checkpoint(path if path.is_absolute() else ws.root / path)
     if loaded.digest != run.model_digest:
         raise ReportError(f"run {run.run_id} dissected model {run.model_digest}, not {loaded.digest}")

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: the CLI imports its heavy parts late
+    import sqlite_utils
 
 ORDER = 22
 
@@ -18,7 +22,7 @@ def _label(row: dict) -> str:
     return ", ".join(parts) or "-"
 
 
-def image_table(db, *, dataset: str | None = None, split: str | None = None, limit: int | None = None) -> list[dict]:
+def image_table(db: sqlite_utils.Database, *, dataset: str | None = None, split: str | None = None, limit: int | None = None) -> list[dict]:
     """The rows ``mammo images`` prints, as dicts with the keys of :data:`COLUMNS`."""
     where, params = [], []
     if dataset:

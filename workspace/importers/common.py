@@ -405,7 +405,8 @@ class Finding:
 def add_lesions(db: sqlite_utils.Database, image_id: str, rows: int, cols: int, findings: Iterable[Finding], *,
                 source: str, report: ImportReport, image_ref: str) -> list[int]:
     """Store each finding on a registered image: bounds checked (clip, keep or drop, reported),
-    idempotent (a finding already stored is counted as existing, not added twice)."""
+    idempotent (a finding already stored is counted as existing, not added twice). A finding the
+    catalog refuses (a malformed geometry) is skipped with the reason; the others are stored."""
     from workspace.ingest import add_lesion
 
     ids = []
@@ -421,9 +422,13 @@ def add_lesions(db: sqlite_utils.Database, image_id: str, rows: int, cols: int, 
         if status == CLIPPED:
             attributes["clipped_from"] = finding.geometry
         before = lesion_count(db, image_id)
-        lesion_id = add_lesion(db, image_id, kind=finding.kind, geometry_type=finding.geometry_type,
-                               geometry=geometry, pathology=finding.pathology, source=source,
-                               mask_path=finding.mask_path, attributes=attributes or None)
+        try:
+            lesion_id = add_lesion(db, image_id, kind=finding.kind, geometry_type=finding.geometry_type,
+                                   geometry=geometry, pathology=finding.pathology, source=source,
+                                   mask_path=finding.mask_path, attributes=attributes or None)
+        except MammoError as error:  # e.g. a radius of 0 in the data set's table: this finding only
+            report.skip(f"{image_ref} {finding.label or finding.kind}", "invalid lesion", str(error))
+            continue
         if lesion_count(db, image_id) > before:
             report.lesions_new += 1
         else:

@@ -231,7 +231,8 @@ def pgm_to_dicom(pixels: np.ndarray, out: Path, *, refnum: str, source_sha1: str
     pixels read again from ``source_path``) treats it like any other image.
 
     Secondary Capture, MONOCHROME2, the data set's spacing, laterality and view; no real patient
-    identifiers exist (the Patient ID is the film pair). UIDs are derived from the PGM's SHA-1, so
+    identifiers exist, and the file (a derived file) carries none: Patient ID is left empty, the film
+    pair is given to ``register_dicom`` and kept in ``patients`` only. UIDs are derived from the PGM's SHA-1, so
     the same PGM always gives the same bytes and a re-import finds the image already there.
     """
     from pydicom.dataset import Dataset, FileMetaDataset
@@ -249,7 +250,7 @@ def pgm_to_dicom(pixels: np.ndarray, out: Path, *, refnum: str, source_sha1: str
     ds.SeriesInstanceUID = generate_uid(entropy_srcs=["mini-mias", source_sha1, "series"])
     ds.Modality = "MG"
     ds.ConversionType = "DF"  # digitised film
-    ds.PatientID = patient_of(refnum)
+    ds.PatientID = ""  # type 2: present, empty (the pair goes to the patients table, not into files)
     ds.ImageLaterality = laterality_of(refnum)
     ds.ViewPosition = VIEW
     ds.PixelSpacing = [PIXEL_SPACING_MM, PIXEL_SPACING_MM]
