@@ -67,7 +67,7 @@ def time_dissection(model, x, batch, device) -> tuple[float, dict]:
 
 
 MEM_CHILD = """
-import json, os, resource, sys, tempfile, numpy as np, torch
+import json, os, sys, tempfile, threading, time, numpy as np, torch
 sys.path.insert(0, {root!r})
 os.environ["MAMMO_QUIET"] = "1"
 from workspace.config import Workspace
@@ -76,13 +76,22 @@ n, units = int(sys.argv[1]), int(sys.argv[2])
 gen = torch.Generator().manual_seed(0)
 def acts(a, b):
     return torch.relu(torch.randn(b - a, units, 32, 32, generator=gen))
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 acts(0, 8)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = rss_mb()
+peak = [base]
+done = threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss_mb())
+        time.sleep(0.002)
+threading.Thread(target=sample, daemon=True).start()
 identity = dict(model_digest="mem", layer="x", patch_set="bench", patch_set_digest="-", split="test")
 with tempfile.TemporaryDirectory() as tmp:
     run = execute_run(Workspace.open(tmp), ActivationSource(np.arange(n), acts, identity, 8))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps(dict(n=n, base_kb=base, peak_kb=peak, plan=run.manifest["thresholds"],
+    done.set()
+    print(json.dumps(dict(n=n, base_mb=base, peak_mb=peak[0], plan=run.manifest["thresholds"],
                           seconds=run.manifest["timing"]["elapsed_s"])))
 """
 
@@ -124,25 +133,28 @@ def main() -> None:
     print(f"{args.arch} {DISSECTED_LAYER}: {units} units at {manifest['map_shape']}, {args.patches} patches "
           f"{args.size}x{args.size}, batch {args.batch}")
     print(f"plain forward      {f:8.2f} s  ({f / args.patches * 1000:.1f} ms/patch)  runs: {[round(v, 2) for v in forward]}")
-    print(f"dissection run     {d:8.2f} s  (statistics {manifest['timing']['statistics_s']:.2f} s, "
-          f"finish {manifest['timing']['finish_s']:.2f} s)  runs: {[round(v, 2) for v in dissect]}")
+    print(f"dissection run     {d:8.2f} s  (inside it: forward+tap {manifest['timing']['forward_s']:.2f} s, "
+          f"statistics {manifest['timing']['statistics_s']:.2f} s, finish {manifest['timing']['finish_s']:.2f} s)"
+          f"  runs: {[round(v, 2) for v in dissect]}")
     print(f"ratio dissection / forward = {d / f:.3f}  (target <= 1.10)")
 
     if not args.skip_memory:
-        peak = {}
+        peak, exact_peak = {}, {}
         for n in (args.mem_patches, 4 * args.mem_patches):
             r = memory(n, args.units)
-            grow = (r["peak_kb"] - r["base_kb"]) / 1024
+            grow = r["peak_mb"] - r["base_mb"]
             buffer_mb = args.units * r["plan"]["tail_size"] * 4 / 2**20
             a_mb = args.units * n * 4 / 2**20
             peak[n] = grow
-            print(f"memory, {n:5d} patches x {args.units} units: peak above baseline {grow:7.1f} MB; exact buffer "
+            exact_peak[n] = r["plan"]["exact_peak_bytes"]
+            print(f"memory, {n:5d} patches x {args.units} units: peak above baseline {grow:7.1f} MB (plan's "
+                  f"estimate {r['plan']['exact_peak_bytes'] / 2**20:.1f} MB); exact buffer "
                   f"{buffer_mb:6.1f} MB (tail {r['plan']['tail_size']} values/unit), a matrix {a_mb:5.1f} MB, "
                   f"method {r['plan']['method']}, {r['seconds']:.1f} s")
         n1, n4 = args.mem_patches, 4 * args.mem_patches
-        buffer_growth = args.units * 4 * 0.01 * 1024 * (n4 - n1) * 6 / 2**20    # peak is ~6x the buffer
-        print(f"memory growth N -> 4N: {peak[n4] - peak[n1]:.1f} MB (the exact buffer's working set grows by "
-              f"~{buffer_growth:.1f} MB; everything else is flat)")
+        plan_growth = (exact_peak[n4] - exact_peak[n1]) / 2**20
+        print(f"memory growth N -> 4N: {peak[n4] - peak[n1]:.1f} MB; the exact-quantile plan's own estimate "
+              f"grows by {plan_growth:.1f} MB (work array + fold temporaries); everything else is flat")
     print(f"max RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 

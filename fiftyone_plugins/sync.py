@@ -37,7 +37,6 @@ from workspace.progress import progress
 SYNC_VERSION = 2
 N_TOP_UNITS = 5
 MASK_SIZE = 64          # resolution of the stored per-unit masks (the App scales them to the patch)
-UNLABELLED = "unlabelled"
 DEFAULT_OPERATING_POINT = 0.5
 
 # reader(patch_ids) yields (patch_ids_of_batch, scores (B,), maps (B, units, h, w)) batches; it may carry

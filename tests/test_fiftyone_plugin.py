@@ -187,6 +187,21 @@ def test_panel_click_shows_the_units_top_patches(fo_synced):
     _result, _rendered, patches, requests = _panel(fo_synced.patches, "on_click_unit", id="4", idx=0)
     assert patches.get("unit") == 4
     assert any(r["operator_uri"].endswith("set_view") for r in requests)
+    _result, rendered, patches, requests = _panel(fo_synced.patches, "on_show_all", state={"unit": 4})
+    assert patches["unit"] is None and any(r["operator_uri"].endswith("clear_view") for r in requests)
+    assert _find(rendered, "all_btn") is None
+
+
+def test_mask_overlay_outlines_and_tints_only_the_mask():
+    from fiftyone_plugins.media import MASK_COLOUR, mask_outline, overlay_mask
+
+    mask = np.zeros((20, 20), bool)
+    mask[5:15, 5:15] = True
+    outline = mask_outline(mask, width=2)
+    assert outline.sum() == 100 - 36 and not outline[7:13, 7:13].any()
+    rgb = overlay_mask(np.full((20, 20), 100, np.uint8), mask)
+    assert (rgb[5, 5] == MASK_COLOUR).all() and (rgb[0, 0] == 100).all()
+    assert rgb[10, 10, 0] > 100 > rgb[10, 10, 2]          # tinted towards yellow inside
 
 
 def test_panel_lasso_then_label_in_one_action(fo_synced):

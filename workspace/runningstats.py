@@ -37,8 +37,10 @@ def _as_float32(values: torch.Tensor) -> torch.Tensor:
     values = torch.as_tensor(values)
     if values.dtype != torch.float32:
         values = values.float()
-    if not torch.isfinite(values).all():
-        raise StatisticsError("activations contain NaN or infinite values")
+    if values.numel():
+        low, high = torch.aminmax(values)       # one pass; NaN propagates into both
+        if not (math.isfinite(float(low)) and math.isfinite(float(high))):
+            raise StatisticsError("activations contain NaN or infinite values")
     return values
 
 
@@ -243,25 +245,29 @@ class RunningTailQuantile:
         self.m = tail_size(self.n_total, self.q)
         self.device = torch.device(device)
         self.count = 0
-        self.pending_room = self.m + self.BLOCK
+        self.pending_room = 0                     # set on first use: room for m or one batch, whichever is more
         self._work: torch.Tensor | None = None   # (units, m + pending_room), allocated on first use
         self._pending = 0                         # columns of the pending area in use
+        self._floor: torch.Tensor | None = None   # (units, 1) min of the folded buffer
 
     @staticmethod
     def estimate_bytes(n_units: int, n_total: int, q: float, batch_values: int = 8192) -> int:
-        """Peak bytes: the work array (buffer + pending room), a fold's topk values and int64
-        indices, and one batch's candidates."""
+        """Peak bytes: the work array (buffer + room for max(m, a batch)), a fold's topk values and
+        int64 indices, and one batch's candidates."""
         m = tail_size(n_total, q)
-        return int(n_units * (4 * (2 * m + RunningTailQuantile.BLOCK) + 12 * m + 4 * batch_values))
+        room = max(m, batch_values) + 2 * RunningTailQuantile.BLOCK
+        return int(n_units * (4 * (m + room) + 12 * m + 4 * batch_values))
 
-    def _ensure(self) -> torch.Tensor:
+    def _ensure(self, batch_width: int = 0) -> torch.Tensor:
         if self._work is None:
+            room = max(self.m, batch_width)
+            self.pending_room = -(-room // self.BLOCK) * self.BLOCK + self.BLOCK
             self._work = torch.full((self.n_units, self.m + self.pending_room), -math.inf, device=self.device)
         return self._work
 
     @property
     def buffer(self) -> torch.Tensor:
-        """(units, m): the m largest values folded so far, descending (-inf padding)."""
+        """(units, m): the m largest values seen so far, in no particular order (-inf padding)."""
         self._fold()
         return self._ensure()[:, :self.m]
 
@@ -271,13 +277,15 @@ class RunningTailQuantile:
         self.count += values.shape[1]
         if self.count > self.n_total:
             raise StatisticsError(f"more values ({self.count}) than the announced total ({self.n_total})")
+        self._ensure(values.shape[1])
         for start in range(0, values.shape[1], self.pending_room):
             self._absorb(values[:, start:start + self.pending_room])
 
     def _absorb(self, values: torch.Tensor) -> None:
         work = self._ensure()
-        floor = work[:, self.m - 1:self.m]               # m-th largest folded so far (-inf if not full)
-        width = int((values > floor).sum(dim=1).max())
+        floor = self._floor if self._floor is not None else torch.full((self.n_units, 1), -math.inf,
+                                                                        device=self.device)
+        width = int((values > floor).sum(dim=1).max())   # floor: m-th largest folded so far
         if width == 0:
             return
         width = min(values.shape[1], -(-width // self.BLOCK) * self.BLOCK)
@@ -293,16 +301,17 @@ class RunningTailQuantile:
         if not self._pending:
             return
         work = self._ensure()
-        top = torch.topk(work, self.m, dim=1, sorted=True).values     # always the same shape
+        top = torch.topk(work, self.m, dim=1, sorted=False).values    # always the same shape
         work[:, :self.m] = top
         work[:, self.m:] = -math.inf
         self._pending = 0
+        self._floor = top.amin(dim=1, keepdim=True)
 
     def result(self) -> torch.Tensor:
         """(units,) float32: equal to ``numpy.quantile(all values of the unit, q)``."""
         if self.count != self.n_total:
             raise StatisticsError(f"saw {self.count} values per unit, expected {self.n_total}")
-        buffer = self.buffer
+        buffer = torch.sort(self.buffer, dim=1, descending=True).values
         below, above, gamma = quantile_ranks(self.n_total, self.q)
         # ascending rank r is the (n - 1 - r)-th largest: column (n - 1 - r) of the descending buffer
         lo = buffer[:, self.n_total - 1 - below].cpu().numpy()
@@ -316,6 +325,7 @@ class RunningTailQuantile:
             raise StatisticsError("merged shards hold more values than the announced total")
         theirs = other.buffer.to(self.device)
         self.count += other.count
+        self._ensure()
         for start in range(0, self.m, self.pending_room):
             self._absorb(theirs[:, start:start + self.pending_room])
         self._fold()
@@ -329,11 +339,14 @@ class RunningTailQuantile:
         self.__init__(state["n_units"], state["n_total"], state["q"], self.device)
         self.count = int(state["count"])
         self._ensure()[:, :self.m] = state["buffer"].to(self.device)
+        self._floor = self._work[:, :self.m].amin(dim=1, keepdim=True)
 
     def to_(self, device: torch.device | str) -> RunningTailQuantile:
         self.device = torch.device(device)
         if self._work is not None:
             self._work = self._work.to(self.device)
+        if self._floor is not None:
+            self._floor = self._floor.to(self.device)
         return self
 
 
