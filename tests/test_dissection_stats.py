@@ -45,6 +45,21 @@ def test_tail_quantile_equals_numpy_quantile_bit_for_bit(seed):
         np.testing.assert_array_equal(stat.result().numpy(), np.quantile(x, q, axis=1))
 
 
+def test_tail_quantile_from_patch_batches_with_cold_units():
+    """The layer-shaped path: only units whose batch max beats their floor are gathered."""
+    rng = np.random.default_rng(8)
+    n_patches, units = 90, 9
+    acts = np.maximum(rng.standard_normal((n_patches, units, 4, 5)), 0).astype(np.float32)
+    acts[:, 3] *= np.linspace(2.0, 0.01, n_patches)[:, None, None]   # hot early, cold later
+    acts[:, 5] = 0.0                                                   # all ties
+    acts[40:, 7] += 5.0                                                # a late surge
+    stat = RunningTailQuantile(units, n_patches * 20, 0.99)
+    for a, b in _chunks(n_patches, rng, 6):
+        stat.add_patches(torch.from_numpy(acts[a:b]))
+    expect = np.quantile(acts.transpose(1, 0, 2, 3).reshape(units, -1), 0.99, axis=1)
+    np.testing.assert_array_equal(stat.result().numpy(), expect)
+
+
 def test_tail_quantile_edges_and_errors():
     x = np.array([[3.0, 1.0, 2.0]], dtype=np.float32)
     for q in (0.0, 1.0, 0.5):

@@ -44,7 +44,11 @@ def test_task_with_predictions_in_headless_chromium(labelstudio_server, ls_backe
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
+    from workspace.concepts import ConceptStore
+
     server = labelstudio_server
+    with ConceptStore(ls_pipeline.ws) as store:  # offered in the task's concept choice
+        store.create_concept("Spiculated margin", by="test")
     result = provision(ls_pipeline.ws, server, backend_url=ls_backend.url, kinds=(lc.SCREENING,),
                        title_suffix=" (browser test)", loaded=ls_pipeline.loaded, run=ls_pipeline.run)
     project_id = result.projects[lc.SCREENING].project_id
@@ -71,6 +75,7 @@ def test_task_with_predictions_in_headless_chromium(labelstudio_server, ls_backe
         driver.quit()
     assert task.data["image_id"] in page and lc.MOST_ACTIVATED_LABEL in page
     assert "units labelled" in page  # the report text area shows the backend's report
+    assert "Spiculated margin" in page  # existing concepts are offered next to the ROI
     with Image.open(shot) as image:
         pixels = np.asarray(image.convert("RGB"))
     assert pixels.shape[0] >= 900 and pixels.std() > 20  # a rendered page, not a blank one

@@ -64,13 +64,19 @@ def test_provisioning_makes_both_projects_once(provisioned, labelstudio_server, 
         assert data["image_id"] in ls_pipeline.image_ids and data["laterality"] in ("L", "R") and data["view"]
         assert data["image"].startswith("/data/local-files/?d=")
         assert not any(s in json.dumps(data) for s in secrets)
-    # idempotent: a second run adds nothing and keeps the same projects
+    # idempotent: a second run adds nothing and keeps the same projects, and offers a concept made since
+    from workspace.concepts import ConceptStore
+
+    with ConceptStore(ws) as store:
+        store.create_concept("Microcalcification cluster", by="test")
     again = provision(ws, server, backend_url=ls_backend.url, title_suffix=" (projects test)",
                       loaded=ls_pipeline.loaded, run=ls_pipeline.run)
     assert {k: (p.project_id, p.tasks_added, p.ml_backend_id, p.storage_id, p.webhook_id)
             for k, p in again.projects.items()} == \
            {k: (p.project_id, 0, p.ml_backend_id, p.storage_id, p.webhook_id) for k, p in provisioned.projects.items()}
-    assert len(tasks_of(server, screening.project_id)) == screening.tasks_total
+    tasks = tasks_of(server, screening.project_id)
+    assert len(tasks) == screening.tasks_total
+    assert all({"value": "Microcalcification cluster"} in t["data"]["concepts"] for t in tasks)
     assert len(api(server, "GET", "/api/ml", params={"project": screening.project_id})) == 1
 
 

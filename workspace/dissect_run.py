@@ -132,10 +132,14 @@ class DissectionStats:
                                   f"{(self.n_units, *self.map_shape)}")
         ids = torch.as_tensor(np.asarray(patch_ids), dtype=torch.int64)
         maxima = max_activations(acts).float().T                      # (units, B)
+        if not bool(torch.isfinite(maxima).all()):     # NaN and +inf show in the maxima
+            raise StatisticsError("activations contain NaN or infinite values")
         self.maxima.add(maxima, ids)
         self.topk.add(maxima, ids)
-        # (units, B*h*w) without a copy of the whole batch per unit order: one transpose
-        self.quantiles.add(acts.float().transpose(0, 1).reshape(self.n_units, -1))
+        if isinstance(self.quantiles, RunningTailQuantile):
+            self.quantiles.add_patches(acts, maxima.amax(dim=1), checked=True)
+        else:
+            self.quantiles.add(acts.float().transpose(0, 1).reshape(self.n_units, -1))
 
     @property
     def n_patches(self) -> int:

@@ -274,18 +274,57 @@ class RunningTailQuantile:
     def add(self, values: torch.Tensor) -> None:
         """values: (units, n) activations (any layout flattened per unit)."""
         values = _as_float32(values).to(self.device).reshape(self.n_units, -1)
-        self.count += values.shape[1]
+        self._count(values.shape[1])
+        self._ensure(values.shape[1])
+        self._absorb_rows(values, None)
+
+    def add_patches(self, acts: torch.Tensor, unit_max: torch.Tensor | None = None, *, checked: bool = False) -> None:
+        """acts: (B, units, ...) maps of B patches, as a layer outputs them. ``unit_max`` (units,), the
+        max of each unit over the batch, if the caller has it. Units whose batch max is not above their
+        current floor have no candidate (the common case once the buffer is warm): only the others are
+        gathered and transposed, so a warm pass costs about one comparison per unit per batch."""
+        acts = acts.to(self.device)
+        if not checked:
+            acts = _as_float32(acts)
+        elif acts.dtype != torch.float32:
+            acts = acts.float()
+        x = acts.reshape(acts.shape[0], self.n_units, -1)
+        per_unit = x.shape[0] * x.shape[2]
+        self._count(per_unit)
+        self._ensure(per_unit)
+        if unit_max is None:
+            unit_max = x.amax(dim=(0, 2))
+        floor = self._floor
+        if floor is None:
+            rows, idx = x.transpose(0, 1).reshape(self.n_units, -1), None
+        else:
+            active = unit_max.to(self.device) > floor[:, 0]
+            idx = torch.nonzero(active).reshape(-1)
+            if idx.numel() == 0:
+                return
+            if idx.numel() == self.n_units:
+                rows, idx = x.transpose(0, 1).reshape(self.n_units, -1), None
+            else:
+                rows = x.index_select(1, idx).transpose(0, 1).reshape(idx.numel(), -1)
+        self._absorb_rows(rows, idx)
+
+    def _count(self, n: int) -> None:
+        self.count += n
         if self.count > self.n_total:
             raise StatisticsError(f"more values ({self.count}) than the announced total ({self.n_total})")
-        self._ensure(values.shape[1])
-        for start in range(0, values.shape[1], self.pending_room):
-            self._absorb(values[:, start:start + self.pending_room])
 
-    def _absorb(self, values: torch.Tensor) -> None:
+    def _absorb_rows(self, values: torch.Tensor, idx: torch.Tensor | None) -> None:
+        for start in range(0, values.shape[1], self.pending_room):
+            self._absorb(values[:, start:start + self.pending_room], idx)
+
+    def _absorb(self, values: torch.Tensor, idx: torch.Tensor | None = None) -> None:
+        """Fold candidates of rows ``idx`` (all rows when None) into the pending area."""
         work = self._ensure()
-        floor = self._floor if self._floor is not None else torch.full((self.n_units, 1), -math.inf,
-                                                                        device=self.device)
-        width = int((values > floor).sum(dim=1).max())   # floor: m-th largest folded so far
+        if self._floor is None:
+            width = values.shape[1]
+        else:
+            floor = self._floor if idx is None else self._floor.index_select(0, idx)
+            width = int((values > floor).sum(dim=1).max())   # floor: m-th largest folded so far
         if width == 0:
             return
         width = min(values.shape[1], -(-width // self.BLOCK) * self.BLOCK)
@@ -294,7 +333,11 @@ class RunningTailQuantile:
             values = torch.topk(values, width, dim=1, sorted=False).values
         if self._pending + width > self.pending_room:
             self._fold()
-        work[:, self.m + self._pending:self.m + self._pending + width] = values
+        cols = slice(self.m + self._pending, self.m + self._pending + width)
+        if idx is None:
+            work[:, cols] = values
+        else:
+            work[idx, cols] = values           # rows not in idx keep -inf there
         self._pending += width
 
     def _fold(self) -> None:
