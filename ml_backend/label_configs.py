@@ -48,7 +48,7 @@ _SIDE_PANEL = """
     <TextArea name="new_concept" toName="{target}" placeholder="...or type a new concept" rows="1"
               maxSubmissions="1" editable="true"/>
     <Header value="Model" size="5"/>
-    <BrushLabels name="units" toName="{target}" showInline="true">
+    <BrushLabels name="units" toName="{target}" smart="false" showInline="true">
       <Label value="{aligned}" background="#00c8ff"/>
       <Label value="{most_aligned}" background="#00ff88"/>
       <Label value="{most_activated}" background="#ffd000"/>
@@ -77,7 +77,7 @@ SCREENING_CONFIG = f"""<View>
              maxWidth="100%"/>
     </View>
     <View style="flex: 2; min-width: 280px">
-    <RectangleLabels name="findings" toName="image" showInline="true">
+    <RectangleLabels name="findings" toName="image" smart="false" showInline="true">
       <Label value="{SUSPICIOUS_LABEL}" background="#ff7a00"/>
     </RectangleLabels>
 {_panel("image")}

@@ -203,7 +203,9 @@ def _ensure_backend(client, project_id: int, url: str, auth: tuple[str, str] | N
         if ours:
             backend = ours[0]
             if backend.url != url or not backend.is_interactive or auth:
-                client.ml.update(id=backend.id, url=url, is_interactive=True, **extra)
+                # Label Studio 1.23 validates an update by calling the backend's /setup, which needs
+                # the project: without it the PATCH fails with a 500 (a changed backend port).
+                client.ml.update(id=backend.id, project=project_id, url=url, is_interactive=True, **extra)
             return int(backend.id)
         backend = client.ml.create(project=project_id, url=url, title=BACKEND_TITLE, is_interactive=True,
                                    timeout=120, **extra)

@@ -119,12 +119,14 @@ def task_of_image(server: Any, project_id: int, image_id: str) -> dict:
 def retrieve_prediction(server: Any, project_id: int, task_id: int) -> dict:
     """Delete the task's predictions, ask Label Studio to retrieve them from the backend, return the new one."""
     selected = {"all": False, "included": [int(task_id)]}
+    old = {p["id"] for p in ls_request(server, "GET", f"/api/tasks/{int(task_id)}").get("predictions") or []}
     for action in ("delete_tasks_predictions", "retrieve_tasks_predictions"):
         ls_request(server, "POST", "/api/dm/actions", params={"id": action, "project": project_id},
                    json={"selectedItems": selected})
     predictions = ls_request(server, "GET", f"/api/tasks/{int(task_id)}").get("predictions") or []
-    _expect(len(predictions) == 1, f"Label Studio holds {len(predictions)} prediction(s) for task {task_id} "
-                                   "after retrieving (is the backend reachable from Label Studio?)")
+    _expect(len(predictions) == 1 and predictions[0]["id"] not in old,
+            f"Label Studio holds {len(predictions)} prediction(s) for task {task_id} after retrieving, "
+            f"{sum(p['id'] in old for p in predictions)} of them old (is the backend reachable from Label Studio?)")
     return predictions[0]
 
 
