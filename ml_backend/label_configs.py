@@ -37,50 +37,88 @@ class LabelConfigError(MammoError):
     """A label config the backend cannot answer for (a control is missing or points elsewhere)."""
 
 
-_SIDE_PANEL = """
-    <Header value="Your ROI (smart brush: draw, and the model answers)" size="5"/>
-    <BrushLabels name="roi" toName="{target}" smart="true" showInline="true">
-      <Label value="{roi}" background="#ff00ff"/>
-    </BrushLabels>
-    <Header value="Concept the ROI shows" size="5"/>
-    <Choices name="concept" toName="{target}" value="$concepts" choice="single-radio" showInline="false"
+# Colours: the ROI magenta; the model's regions in colours that stay visible on a grey mammogram and
+# apart from each other (orange patches, yellow most activated unit, green most aligned, cyan aligned).
+ROI_COLOUR = "#ff00ff"
+SUSPICIOUS_COLOUR = "#ff7a00"
+MOST_ACTIVATED_COLOUR = "#ffd000"
+MOST_ALIGNED_COLOUR = "#00e676"
+ALIGNED_COLOUR = "#00b8ff"
+
+# The reader's ROI in the UI is a smart RECTANGLE (``roi_box``): Label Studio 1.23.2's frontend creates
+# every brush stroke as a non-dynamic region (``createDrawingRegion(..., dynamic=false)``), so a smart
+# brush never sends the interactive request; a smart rectangle does. ``smartOnly`` leaves only the smart
+# rectangle tool (shown once Auto-Annotation is on). The ``roi`` brush stays for API clients and for
+# submitted annotations; it is not shown (its labels are in a hidden view, so no one paints with it).
+_ROI_PANEL = """
+    <Header value="Ask the model about a region" size="5"/>
+    <Text name="roi_help" value="Once: switch on Auto-Annotation, then Auto-Accept Suggestions (bottom bar). Then click ROI and drag a box over the finding: the neurons aligned with it are drawn on the image and the report below is rewritten. Draw another box to ask again."/>
+    <RectangleLabels name="roi_box" toName="{target}" smart="true" smartOnly="true" strokeWidth="3"
+                     fillOpacity="0.08" showInline="true">
+      <Label value="{roi}" background="{roi_colour}"/>
+    </RectangleLabels>
+    <View style="display: none">
+      <BrushLabels name="roi" toName="{target}" smart="false" showInline="true">
+        <Label value="{roi}" background="{roi_colour}"/>
+      </BrushLabels>
+    </View>
+    <Header value="Report: concepts of the labelled neurons, and the neurons aligned with the ROI" size="6"/>
+    <TextArea name="report" toName="{target}" rows="10" editable="false" maxSubmissions="1"
+              placeholder="the model's report appears here"/>
+"""
+
+_CONCEPT_PANEL = """
+    <Header value="Name what the ROI shows (optional; on Submit its aligned neurons get this label)" size="6"/>
+    <Choices name="concept" toName="{target}" value="$concepts" choice="single-radio" showInline="true"
              allowNested="false"/>
     <TextArea name="new_concept" toName="{target}" placeholder="...or type a new concept" rows="1"
               maxSubmissions="1" editable="true"/>
-    <Header value="Model" size="5"/>
-    <BrushLabels name="units" toName="{target}" smart="false" showInline="true">
-      <Label value="{aligned}" background="#00c8ff"/>
-      <Label value="{most_aligned}" background="#00ff88"/>
-      <Label value="{most_activated}" background="#ffd000"/>
-    </BrushLabels>
+"""
+
+_MODEL_PANEL = """
+    <Header value="{model_title}" size="5"/>
     <Choices name="assessment" toName="{target}" choice="single" showInline="true">
       <Choice value="{positive}"/>
       <Choice value="{negative}"/>
     </Choices>
-    <Header value="Report" size="5"/>
-    <TextArea name="report" toName="{target}" rows="2" editable="false" maxSubmissions="1"
-              placeholder="the model's report appears here"/>
+    <Header value="Colours on the image (select a region for its unit number and IoU)" size="6"/>{findings}
+    <BrushLabels name="units" toName="{target}" smart="false" showInline="true">
+      <Label value="{most_activated}" background="{most_activated_colour}"/>
+      <Label value="{most_aligned}" background="{most_aligned_colour}"/>
+      <Label value="{aligned}" background="{aligned_colour}"/>
+    </BrushLabels>
 """
 
+_FINDINGS = """
+    <RectangleLabels name="findings" toName="image" smart="false" strokeWidth="2" fillOpacity="0"
+                     showInline="true">
+      <Label value="{suspicious}" background="{suspicious_colour}"/>
+    </RectangleLabels>"""
 
-def _panel(target: str) -> str:
-    return _SIDE_PANEL.format(target=target, roi=ROI_LABEL, aligned=ALIGNED_LABEL, most_aligned=MOST_ALIGNED_LABEL,
-                              most_activated=MOST_ACTIVATED_LABEL, positive=POSITIVE_CHOICE,
-                              negative=NEGATIVE_CHOICE)
+
+def _fill(template: str, target: str, **extra: str) -> str:
+    return template.format(target=target, roi=ROI_LABEL, aligned=ALIGNED_LABEL, most_aligned=MOST_ALIGNED_LABEL,
+                           most_activated=MOST_ACTIVATED_LABEL, positive=POSITIVE_CHOICE, negative=NEGATIVE_CHOICE,
+                           roi_colour=ROI_COLOUR, aligned_colour=ALIGNED_COLOUR,
+                           most_aligned_colour=MOST_ALIGNED_COLOUR, most_activated_colour=MOST_ACTIVATED_COLOUR,
+                           **extra)
+
+
+def _panel(target: str, model_title: str, findings: bool) -> str:
+    rectangles = _FINDINGS.format(suspicious=SUSPICIOUS_LABEL, suspicious_colour=SUSPICIOUS_COLOUR) if findings else ""
+    return (_fill(_ROI_PANEL, target) + _fill(_CONCEPT_PANEL, target)
+            + _fill(_MODEL_PANEL, target, model_title=model_title, findings=rectangles))
 
 
 SCREENING_CONFIG = f"""<View>
   <Header value="$title" size="4"/>
-  <View style="display: flex; gap: 16px; align-items: flex-start">
+  <View style="display: flex; gap: 20px; align-items: flex-start">
     <View style="flex: 3; min-width: 0">
       <Image name="image" value="$image" zoom="true" zoomControl="true" rotateControl="false"
-             maxWidth="100%"/>
+             maxWidth="100%" maxHeight="calc(100vh - 220px)"/>
     </View>
-    <View style="flex: 2; min-width: 280px">
-    <RectangleLabels name="findings" toName="image" smart="false" showInline="true">
-      <Label value="{SUSPICIOUS_LABEL}" background="#ff7a00"/>
-    </RectangleLabels>
-{_panel("image")}
+    <View style="flex: 2; min-width: 320px">
+{_panel("image", "The model's read of this mammogram", findings=True)}
     </View>
   </View>
 </View>
@@ -88,17 +126,19 @@ SCREENING_CONFIG = f"""<View>
 
 PATCH_REVIEW_CONFIG = f"""<View>
   <Header value="$title" size="4"/>
-  <View style="display: flex; gap: 16px; align-items: flex-start">
+  <View style="display: flex; gap: 20px; align-items: flex-start">
     <View style="flex: 2; min-width: 0">
-      <Header value="Suspicious patch (enlarged)" size="5"/>
-      <Image name="patch" value="$patch" zoom="true" zoomControl="true" rotateControl="false"/>
+      <Header value="Suspicious patch, enlarged: draw the ROI here" size="5"/>
+      <Image name="patch" value="$patch" zoom="true" zoomControl="true" rotateControl="false"
+             maxWidth="100%"/>
     </View>
     <View style="flex: 1; min-width: 0">
-      <Header value="Mammogram, patch outlined" size="5"/>
-      <Image name="context" value="$image" zoom="true" zoomControl="true"/>
+      <Header value="Where it lies (orange outline)" size="5"/>
+      <Image name="context" value="$image" zoom="true" zoomControl="true" rotateControl="false"
+             maxWidth="100%"/>
     </View>
-    <View style="flex: 2; min-width: 280px">
-{_panel("patch")}
+    <View style="flex: 2; min-width: 320px">
+{_panel("patch", "The model's read of this patch", findings=False)}
     </View>
   </View>
 </View>

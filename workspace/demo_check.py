@@ -26,6 +26,7 @@ Every process started here is stopped by PID at the end, on failure and on Ctrl-
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -217,13 +218,35 @@ class _Read:
     before: dict = field(default_factory=dict)     # unit -> concept name it carried before the check
 
 
-def run_checks(state: Any, *, fiftyone_app: bool = True, echo: Callable[[str], None] = print) -> int:
+def stack_options(args: Any) -> dict:
+    """``bring_up`` keywords from the service options of ``mammo up`` / ``mammo demo`` (argparse)."""
+    if args is None:
+        return {}
+    user, password = getattr(args, "backend_user", None), getattr(args, "backend_password", None)
+    options = {"ls_url": getattr(args, "labelstudio_url", None), "ls_token": getattr(args, "labelstudio_token", None),
+               "ls_port": getattr(args, "port", None), "backend_port": getattr(args, "backend_port", None),
+               "backend_url": getattr(args, "backend_url", None),
+               "backend_auth": (user, password) if user and password else None}
+    if getattr(args, "backend_host", None):
+        options["backend_host"] = args.backend_host
+    return options
+
+
+def run_checks(state: Any, args: Any = None, *, fiftyone_app: bool | None = None,
+               echo: Callable[[str], None] = print) -> int:
     """Bring the demo of ``state`` (a :class:`workspace.demo.DemoState`) up, exercise each step once,
-    stop everything; 0 when every check passed, 1 otherwise, 130 on Ctrl-C."""
+    stop everything; 0 when every check passed, 1 otherwise, 130 on Ctrl-C.
+
+    ``args``: the command's service options (ports, an existing Label Studio...); ``fiftyone_app``:
+    start the App too and check it answers (default: unless ``--no-fiftyone``; FiftyOne's database
+    and the operators are checked either way).
+    """
     from ml_backend import label_configs as lc
     from ml_backend.stack import bring_up, describe
 
     ws, loaded, run = state.ws, state.loaded, state.run
+    if fiftyone_app is None:
+        fiftyone_app = not getattr(args, "no_fiftyone", False)
     checks = Checks(echo=echo)
     services: list = []
     stack = None
@@ -234,7 +257,7 @@ def run_checks(state: Any, *, fiftyone_app: bool = True, echo: Callable[[str], N
 
         def up_stack() -> str:
             nonlocal stack
-            stack = bring_up(ws)
+            stack = bring_up(ws, **stack_options(args))
             services.extend(stack.services)
             echo(describe(stack))
             projects = stack.provisioned.projects if stack.provisioned else {}
@@ -372,12 +395,10 @@ def run_checks(state: Any, *, fiftyone_app: bool = True, echo: Callable[[str], N
             _cleanup(ws, run, read, services, None, echo)
         except Exception as error:  # noqa: BLE001 - stopping the processes matters more
             echo(f"[check] clean-up failed: {error}")
-        for service in reversed(services):
-            service.stop()
+        _stop(services)
         return 130
     except BaseException:
-        for service in reversed(services):
-            service.stop()
+        _stop(services)
         raise
     mongod_url = next((s.url for s in services if s.name == "mongod" and s.alive()), None)
     checks.step("cleanup", lambda: _cleanup(ws, run, read, services, mongod_url, echo))
@@ -462,9 +483,22 @@ def _cleanup(ws: Any, run: Any, read: _Read, services: list, mongod_url: str | N
             "the history keeps them")
 
 
-def _finish(checks: Checks, services: list, started: float, echo: Callable[[str], None]) -> int:
+def _stop(services: list) -> None:
+    """Stop what was started here, last first, after closing this process's FiftyOne connection: FiftyOne
+    queries its database when the process exits, and would wait 30 s for a stopped mongod."""
+    if "fiftyone" in sys.modules:
+        try:
+            import fiftyone.core.odm.database as fod
+
+            fod._disconnect()
+        except Exception:  # noqa: BLE001 - only the exit would be slower
+            pass
     for service in reversed(services):
         service.stop()
+
+
+def _finish(checks: Checks, services: list, started: float, echo: Callable[[str], None]) -> int:
+    _stop(services)
     failed = [line.name for line in checks.lines if not line.ok]
     total = time.perf_counter() - started
     if failed:

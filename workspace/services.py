@@ -107,14 +107,18 @@ def start_service(ws: Workspace, name: str, command: Sequence[str], *, port: int
     service = Service(name=name, pid=process.pid, port=port, log_path=log_path, url=url, process=process)
     check = ready or (lambda: port_open("127.0.0.1", port))
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise ServiceError(f"{name} exited with code {process.returncode} while starting; "
-                               f"see {log_path}:\n{service.log_tail()}")
-        if check():
-            _record(ws, service)
-            return service
-        time.sleep(0.25)
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise ServiceError(f"{name} exited with code {process.returncode} while starting; "
+                                   f"see {log_path}:\n{service.log_tail()}")
+            if check():
+                _record(ws, service)
+                return service
+            time.sleep(0.25)
+    except BaseException:  # Ctrl-C while waiting: the child is in its own session and would outlive us
+        service.stop()
+        raise
     service.stop()
     raise ServiceError(f"{name} did not answer within {timeout:.0f} s; see {log_path}:\n{service.log_tail()}")
 

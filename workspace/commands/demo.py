@@ -25,7 +25,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.check:
         from workspace.demo_check import run_checks
 
-        return run_checks(state)
+        return run_checks(state, args)
     from workspace.commands.up import bring_everything_up
 
     return bring_everything_up(ws, args)
