@@ -356,7 +356,7 @@ class Backend:
 
     def interactive(self, task: dict, info: lc.ConfigInfo, context: dict, *, asked_by: str = "labelstudio") -> dict:
         """The aligned units' masks (top ``top_units``, the most aligned first) and the report."""
-        results = context.get("result") if isinstance(context, dict) else None
+        results = pr.asked_rois(context.get("result") if isinstance(context, dict) else None, info)
         q = self.query(task, info, results)
         labels = self.labels()
         roi_geometry = pr.roi_geometry(q["roi"])
@@ -367,12 +367,13 @@ class Backend:
         shown = [u for u in q["ranking"] if u in set(q["aligned"])][: self.top_units]
         if not shown and q["ranking"]:
             shown = q["ranking"][:1]  # nothing aligned: still show the best match, labelled as such
-        result = []
+        result = pr.echo_rois(results, query_id)  # the drawn box, kept in the annotation (see echo_rois)
         for rank, unit in enumerate(shown):
             concept = labels.get(unit)
             label = lc.MOST_ALIGNED_LABEL if rank == 0 else lc.ALIGNED_LABEL
             result.append(pr.brush(q["mask"](unit), label=label, to_name=info.image_name,
-                                   score=float(q["iou"][unit]), rid=pr.unit_region_id(unit, query_id),
+                                   score=float(q["iou"][unit]),
+                                   rid=pr.unit_region_id(unit, q["image_id"], q["patch_box"]),  # re-asked: replaced
                                    text=pr.unit_text(unit, iou=float(q["iou"][unit]),
                                                      concept=concept.name if concept else None)))
         read = self.read(q["image_id"])

@@ -168,6 +168,35 @@ def roi_regions(results: Sequence[dict] | None, info: lc.ConfigInfo) -> list[dic
     return found
 
 
+ECHO_PREFIX = "roi-"  # ids of the ROI boxes the backend sends back with its answer
+
+
+def asked_rois(results: Sequence[dict] | None, info: lc.ConfigInfo) -> list[dict]:
+    """The ROI regions an interactive request asks about. Label Studio sends every ROI box of the
+    annotation (the boxes echoed with earlier answers too); when a new box is among them, the question
+    is that box alone ("draw another box to ask again"), else all of them."""
+    regions = roi_regions(results, info)
+    fresh = [r for r in regions if not str(r.get("id", "")).startswith(ECHO_PREFIX)]
+    return fresh or regions
+
+
+def echo_rois(regions: Sequence[dict], query_id: object) -> list[dict]:
+    """The asked ROI boxes, to send back with the answer. Label Studio deletes the box a reader drew with
+    the smart tool when its answer is accepted; the echoed copy (a plain region) stays in the annotation,
+    so the ROI reaches the webhook on Submit. Brush ROIs (API clients) are not echoed."""
+    echoed = []
+    for i, r in enumerate(regions):
+        if r.get("type") != "rectanglelabels" or str(r.get("id", "")).startswith(ECHO_PREFIX):
+            continue
+        value = {k: r["value"][k] for k in ("x", "y", "width", "height", "rotation") if k in (r.get("value") or {})}
+        echoed.append({"id": f"{ECHO_PREFIX}{query_id}-{i}", "from_name": r.get("from_name", "roi_box"),
+                       "to_name": r.get("to_name"), "type": "rectanglelabels",
+                       "original_width": r.get("original_width"), "original_height": r.get("original_height"),
+                       "image_rotation": r.get("image_rotation", 0),
+                       "value": {**value, "rectanglelabels": [lc.ROI_LABEL]}})
+    return echoed
+
+
 def _rectangle_mask(value: dict, width: int, height: int) -> np.ndarray:
     """A rectangle region (percentages of the image, rotated by ``rotation`` degrees clockwise about its
     top-left corner, as Label Studio stores it) as a bool mask: the pixels whose centre lies inside."""
@@ -271,5 +300,5 @@ def as_request_error(error: Exception) -> RequestError:
 
 
 __all__ = ["RequestError", "rectangle", "brush", "see_through", "SEE_THROUGH_ALPHA", "choice", "text_area", "assessment", "unit_text",
-           "unit_region_id", "unit_of_region", "ROI_CONTROLS", "roi_regions", "roi_mask", "roi_geometry", "check_inside", "as_request_error",
+           "unit_region_id", "unit_of_region", "ROI_CONTROLS", "roi_regions", "asked_rois", "echo_rois", "roi_mask", "roi_geometry", "check_inside", "as_request_error",
            "region_id"]

@@ -107,7 +107,7 @@ def task_of_image(server: Any, project_id: int, image_id: str) -> dict:
     page = 1
     while True:
         answer = ls_request(server, "GET", "/api/tasks", params={"project": project_id, "page": page,
-                                                                 "page_size": 200, "fields": "all"})
+                                                                 "page_size": 200, "fields": "task_only"})
         tasks = answer["tasks"] if isinstance(answer, dict) else answer
         for task in tasks:
             if (task.get("data") or {}).get("image_id") == image_id:
@@ -185,17 +185,19 @@ def roi_on_patch(shape: tuple[int, int], patch_box, lesions: list) -> tuple[np.n
 
 
 def most_suspicious_image(ws: Any, image_ids: list[str], loaded: Any) -> tuple[str, Any]:
-    """The image with the highest image score (reads are cached by ``prepare``), and its read."""
+    """The image with the highest image score (then the most suspicious patches), from the catalog's
+    ``image_reads`` that ``prepare`` filled, and its (cached) read."""
     from models.inference import read_mammogram
+    from workspace.catalog import open_catalog
 
-    best = None
-    for image_id in image_ids:
-        read = read_mammogram(ws, image_id, loaded, keep_maps=False)
-        if len(read.scores) and (best is None or read.image_score > best[1].image_score):
-            best = (image_id, read)
-    if best is None:
-        raise CheckFailed("no mammogram of the demo has a read with patches")
-    return best
+    wanted = set(image_ids)
+    rows = open_catalog(ws).execute(
+        "SELECT image_id FROM image_reads WHERE model_digest = ? AND n_patches > 0 "
+        "ORDER BY score DESC, n_suspicious DESC, image_id", [loaded.digest]).fetchall()
+    for (image_id,) in rows:
+        if image_id in wanted:
+            return image_id, read_mammogram(ws, image_id, loaded, keep_maps=False)
+    raise CheckFailed("no mammogram of the demo has a read with patches")
 
 
 def units_to_label(aligned: list[int], ranking: list[int], labelled: dict) -> list[int]:

@@ -59,7 +59,7 @@ def add_parser(subparsers, parents) -> None:
     p.add_argument("--patch-set", default="default", help="patch set name (`mammo patches`)")
     p.add_argument("--name", help="model name (folder under WORKSPACE/models; default ARCH-PATCHSET)")
     p.add_argument("--epochs", type=int, default=None,
-                   help="epochs (default 50; 12 for vgg16_slim on a CPU)")
+                   help="epochs (default 50; 20 for vgg16_slim on a CPU)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
     p.add_argument("--weight-decay", type=float, default=0.0)
