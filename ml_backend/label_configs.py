@@ -2,10 +2,16 @@
 
 Control names are the contract between the configs, the backend's answers and the webhook:
 
-- ``roi``: the reader's ROI, a ``smart`` brush (with the backend connected as interactive, drawing it
-  sends the region to ``/predict`` in ``params.context.result``);
+- ``roi_box``: the reader's ROI in the UI, a ``smart`` (``smartOnly``) rectangle: with the backend connected
+  as interactive and Auto-Annotation on, drawing it sends the box to ``/predict`` in
+  ``params.context.result``; the backend echoes it back with its answer (Label Studio deletes a smart
+  region once its answer is accepted), so it stays in the annotation for the webhook;
+- ``roi``: the ROI as a brush (label ``ROI``), for API clients and submitted annotations. Hidden in the UI:
+  Label Studio 1.23.2 creates brush strokes as non-dynamic regions, so a smart brush never sends the
+  interactive request (checked in headless Chromium, ``tests/test_labelstudio_browser.py``);
 - ``units``: the backend's brush regions (aligned units' masks, the most activated unit's map);
-- ``findings``: the suspicious patches as rectangles (Screening reads);
+- ``findings``: the suspicious patches as outline-only, read-only rectangles (Screening reads; a drag that
+  starts on one with Ctrl held draws the ROI box instead of selecting it);
 - ``assessment``: the image-level (or patch-level) choice, with the model's score;
 - ``concept`` (existing concepts, from the task's ``concepts`` list) and ``new_concept`` (free text):
   the concept the reader sees in the ROI (the paper's progressive labelling);
@@ -52,7 +58,7 @@ ALIGNED_COLOUR = "#00b8ff"
 # submitted annotations; it is not shown (its labels are in a hidden view, so no one paints with it).
 _ROI_PANEL = """
     <Header value="Ask the model about a region" size="5"/>
-    <Text name="roi_help" value="Once: switch on Auto-Annotation, then Auto-Accept Suggestions (bottom bar). Then click ROI and drag a box over the finding: the neurons aligned with it are drawn on the image and the report below is rewritten. Draw another box to ask again."/>
+    <Text name="roi_help" value="{roi_help}"/>
     <RectangleLabels name="roi_box" toName="{target}" smart="true" smartOnly="true" strokeWidth="3"
                      fillOpacity="0.08" showInline="true">
       <Label value="{roi}" background="{roi_colour}"/>
@@ -96,12 +102,17 @@ _FINDINGS = """
     </RectangleLabels>"""
 
 
+ROI_HELP = ("Once: switch on Auto-Annotation, then Auto-Accept Suggestions (bottom bar). Then click ROI and hold "
+            "Ctrl (\u2318 on a Mac) while you drag a box over the finding: the neurons aligned with it are drawn on "
+            "the image and the report below is rewritten. Another box asks again.")
+
+
 def _fill(template: str, target: str, **extra: str) -> str:
-    return template.format(target=target, roi=ROI_LABEL, aligned=ALIGNED_LABEL, most_aligned=MOST_ALIGNED_LABEL,
-                           most_activated=MOST_ACTIVATED_LABEL, positive=POSITIVE_CHOICE, negative=NEGATIVE_CHOICE,
-                           roi_colour=ROI_COLOUR, aligned_colour=ALIGNED_COLOUR,
-                           most_aligned_colour=MOST_ALIGNED_COLOUR, most_activated_colour=MOST_ACTIVATED_COLOUR,
-                           **extra)
+    return template.format(
+        target=target, roi=ROI_LABEL, roi_help=ROI_HELP, aligned=ALIGNED_LABEL, most_aligned=MOST_ALIGNED_LABEL,
+        most_activated=MOST_ACTIVATED_LABEL, positive=POSITIVE_CHOICE, negative=NEGATIVE_CHOICE,
+        roi_colour=ROI_COLOUR, aligned_colour=ALIGNED_COLOUR, most_aligned_colour=MOST_ALIGNED_COLOUR,
+        most_activated_colour=MOST_ACTIVATED_COLOUR, **extra)
 
 
 def _panel(target: str, model_title: str, findings: bool) -> str:
@@ -204,4 +215,4 @@ def parse_config(label_config: str) -> ConfigInfo:
 __all__ = ["SCREENING", "PATCH_REVIEW", "TITLES", "CONFIGS", "SCREENING_CONFIG", "PATCH_REVIEW_CONFIG",
            "ConfigInfo", "LabelConfigError", "parse_config", "ROI_LABEL", "ALIGNED_LABEL",
            "MOST_ACTIVATED_LABEL", "MOST_ALIGNED_LABEL", "SUSPICIOUS_LABEL", "POSITIVE_CHOICE",
-           "NEGATIVE_CHOICE"]
+           "NEGATIVE_CHOICE", "ROI_HELP"]

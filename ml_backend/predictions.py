@@ -34,8 +34,12 @@ def region_id(*parts: object) -> str:
 
 def rectangle(box: Sequence[float], width: int, height: int, *, label: str, to_name: str,
               from_name: str = "findings", score: float | None = None, rid: str | None = None,
-              text: str | None = None) -> dict:
-    """A RectangleLabels region for a box [x, y, w, h] in pixels of a width x height image (clipped to it)."""
+              text: str | None = None, readonly: bool | None = None) -> dict:
+    """A RectangleLabels region for a box [x, y, w, h] in pixels of a width x height image (clipped to it).
+
+    ``readonly`` (default: for the model's ``findings``): the reader cannot drag or resize it, so a drag that
+    starts inside a suspicious patch draws the ROI box instead of moving the patch.
+    """
     x, y, w, h = (float(v) for v in box)
     x0, y0 = max(0.0, x), max(0.0, y)
     x1, y1 = min(float(width), x + w), min(float(height), y + h)
@@ -47,6 +51,8 @@ def rectangle(box: Sequence[float], width: int, height: int, *, label: str, to_n
                   "width": 100.0 * (x1 - x0) / width, "height": 100.0 * (y1 - y0) / height,
                   "rotation": 0, "rectanglelabels": [label]},
     }
+    if readonly if readonly is not None else from_name == "findings":
+        result["readonly"] = True
     if score is not None:
         result["score"] = float(score)
     if text:
@@ -299,6 +305,6 @@ def as_request_error(error: Exception) -> RequestError:
     return RequestError(str(error), status=422, code=name)
 
 
-__all__ = ["RequestError", "rectangle", "brush", "see_through", "SEE_THROUGH_ALPHA", "choice", "text_area", "assessment", "unit_text",
-           "unit_region_id", "unit_of_region", "ROI_CONTROLS", "roi_regions", "asked_rois", "echo_rois", "roi_mask", "roi_geometry", "check_inside", "as_request_error",
-           "region_id"]
+__all__ = ["RequestError", "rectangle", "brush", "see_through", "SEE_THROUGH_ALPHA", "choice", "text_area",
+           "assessment", "unit_text", "unit_region_id", "unit_of_region", "ROI_CONTROLS", "ECHO_PREFIX", "roi_regions",
+           "asked_rois", "echo_rois", "roi_mask", "roi_geometry", "check_inside", "as_request_error", "region_id"]

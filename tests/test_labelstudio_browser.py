@@ -149,6 +149,7 @@ def ask_with_a_box(driver, box: list[float], image_size: tuple[int, int]) -> Non
     (once), click ROI, pick the smart tool, drag a box (``box`` in image pixels) on the image."""
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
 
     state = driver.execute_script(REGIONS_JS)
     if not state["auto"]:
@@ -167,10 +168,10 @@ def ask_with_a_box(driver, box: list[float], image_size: tuple[int, int]) -> Non
     x, y, w, h = box
     actions = ActionChains(driver)
     actions.move_to_element_with_offset(canvas, round(x * scale_x - width / 2), round(y * scale_y - height / 2))
-    actions.click_and_hold()
+    actions.key_down(Keys.CONTROL).click_and_hold()  # Ctrl: draw even where a suspicious patch lies
     for _ in range(6):  # a drag in steps, as a hand does
         actions.move_by_offset(round(w * scale_x / 6), round(h * scale_y / 6))
-    actions.release().perform()
+    actions.release().key_up(Keys.CONTROL).perform()
 
 
 def wait_for_answer(driver, store, image_id: str, before: int | None, timeout: float = 60.0):
@@ -211,7 +212,7 @@ def test_task_with_predictions_in_headless_chromium(labelstudio_server, reader, 
     assert task.data["image_id"] in page and lc.MOST_ACTIVATED_LABEL in page
     assert "units labelled" in page  # the report text area shows the backend's report
     assert CONCEPT in page  # existing concepts are offered next to the ROI
-    assert "Auto-Annotation" in page and "drag a box" in page  # the instructions and the switch they name
+    assert "Auto-Annotation" in page and "drag a box" in page and "Ctrl" in page  # the instructions and the switch they name
     with Image.open(shot) as image:
         pixels = np.asarray(image.convert("RGB"))
     assert pixels.shape[0] >= 900 and pixels.std() > 20  # a rendered page, not a blank one
@@ -289,7 +290,7 @@ def test_reader_draws_an_roi_box_and_gets_the_answer(labelstudio_server, reader,
 
     # the reader names the concept and submits: the webhook labels the units with it, from this ROI
     typed = "Spiculated mass (browser)"
-    field = reader.find_element(By.CSS_SELECTOR, "textarea[placeholder^='...or type a new concept']")
+    field = reader.find_element(By.CSS_SELECTOR, "[placeholder^='...or type a new concept']")
     field.send_keys(typed, Keys.ENTER)
     reader.find_element(By.XPATH, "//button[normalize-space(.)='Submit']").click()
     deadline, rows = time.monotonic() + 30, []

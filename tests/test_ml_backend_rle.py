@@ -142,3 +142,44 @@ def test_roi_geometry_is_the_concept_stores_encoding():
     for mask in _masks():
         assert pr.roi_geometry(mask) == encode_roi(mask)
         assert (decode_roi(pr.roi_geometry(mask)) == mask).all()
+
+
+def test_roi_boxes_rasterise_echo_and_the_newest_is_asked():
+    """The UI's ROI is a smart rectangle (``roi_box``): percentages of the image, rotated about its top-left
+    corner; the backend echoes it, and a request holding a new box beside echoed ones asks the new one."""
+    info = lc.parse_config(lc.SCREENING_CONFIG)
+
+    def box(x, y, w, h, rotation=0, rid="drawn"):
+        return {"id": rid, "from_name": "roi_box", "to_name": "image", "type": "rectanglelabels",
+                "original_width": 200, "original_height": 100,
+                "value": {"x": x, "y": y, "width": w, "height": h, "rotation": rotation, "rectanglelabels": ["ROI"]}}
+
+    mask = pr.roi_mask([box(10, 20, 5, 30)], info, 200, 100)  # columns 20..29, rows 20..49
+    rows, cols = np.nonzero(mask)
+    assert (cols.min(), cols.max(), rows.min(), rows.max(), mask.sum()) == (20, 29, 20, 49, 300)
+    turned = pr.roi_mask([box(50, 20, 5, 30, rotation=90)], info, 200, 100)  # 90 deg clockwise about (100, 20)
+    rows, cols = np.nonzero(turned)
+    assert (cols.min(), cols.max(), rows.min(), rows.max()) == (70, 99, 20, 29)
+    with pytest.raises(pr.RequestError) as e:
+        pr.roi_mask([box(10, 20, 0, 0)], info, 200, 100)
+    assert e.value.code == "empty_roi"
+    echoed = pr.echo_rois([box(10, 20, 5, 30)], 41)
+    assert echoed[0]["id"].startswith(pr.ECHO_PREFIX) and echoed[0]["value"]["rectanglelabels"] == ["ROI"]
+    assert pr.echo_rois(echoed, 42) == []  # an echoed box is not echoed again
+    assert pr.echo_rois([pr.brush(mask, label="ROI", to_name="image", from_name="roi")], 43) == []
+    new = box(60, 10, 5, 5, rid="new")
+    assert pr.asked_rois(echoed + [new], info) == [new]
+    assert pr.asked_rois(echoed, info) == echoed
+
+
+def test_model_regions_are_outlines_over_a_see_through_inside():
+    mask = np.zeros((300, 200), bool)
+    mask[50:150, 40:160] = True
+    unit = pr.brush(mask, label=lc.ALIGNED_LABEL, to_name="image")
+    alpha = sdk_brush.decode_rle(unit["value"]["rle"]).reshape(300, 200, 4)[..., 3]
+    assert alpha[100, 100] == pr.SEE_THROUGH_ALPHA and alpha[50, 100] == 255 and alpha[0, 0] == 0
+    assert (decode_mask(unit["value"]["rle"], 200, 300) == mask).all()  # the same mask read back
+    roi = pr.brush(mask, label=lc.ROI_LABEL, to_name="image", from_name="roi")
+    assert set(np.unique(sdk_brush.decode_rle(roi["value"]["rle"]))) == {0, 255}  # the reader's ROI: solid
+    patch = pr.rectangle([10, 10, 50, 50], 200, 300, label=lc.SUSPICIOUS_LABEL, to_name="image")
+    assert patch["readonly"] is True  # a drag on a suspicious patch never moves it
