@@ -174,11 +174,25 @@ def _ensure_project(client, title: str, kind: str, version: str | None) -> Any:
         settings["model_version"] = version
     if found:
         project = found[0]
+        # Label Studio 1.23 accepts a new model_version on an existing project only once a backend (or a
+        # prediction) of that version exists, so it is set after the backend is connected (_set_version).
+        settings.pop("model_version", None)
         changed = {k: v for k, v in settings.items() if getattr(project, k, None) != v}
         if changed:
             project = client.projects.update(id=project.id, **changed)
         return project
     return client.projects.create(title=title, **settings)
+
+
+def _set_version(client, project: Any, version: str | None) -> str | None:
+    """Point the project at the backend's model version; a refusal is returned as a note, not raised."""
+    if not version or getattr(project, "model_version", None) == version:
+        return None
+    try:
+        client.projects.update(id=project.id, model_version=version)
+    except Exception as error:  # the SDK raises ApiError with Label Studio's validation message
+        return f"{project.title}: Label Studio kept model version {project.model_version!r} ({getattr(error, 'body', error)})"
+    return None
 
 
 def _ensure_storage(client, project_id: int, folder: Path) -> int:
@@ -303,6 +317,9 @@ def provision(ws: Workspace, server: LabelStudioServer, *, backend_url: str,
         if connect_backend:
             ml_id = _ensure_backend(client, project.id, backend_url, backend_auth)
             webhook_id = _ensure_webhook(client, project.id, backend_url, backend_auth)
+            note = _set_version(client, project, version)
+            if note:
+                result.skipped.append(note)
         result.projects[kind] = ProvisionedProject(
             kind=kind, project_id=int(project.id), title=title, tasks_total=len(existing) + len(new),
             tasks_added=len(new), ml_backend_id=ml_id, storage_id=storage_id, webhook_id=webhook_id)

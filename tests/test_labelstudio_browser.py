@@ -150,18 +150,22 @@ def ask_with_a_box(driver, box: list[float], image_size: tuple[int, int]) -> Non
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
 
     state = driver.execute_script(REGIONS_JS)
     if not state["auto"]:
         driver.find_element(By.XPATH, "//*[normalize-space(text())='Auto-Annotation']").click()
         time.sleep(0.5)
+    wait = WebDriverWait(driver, 30)
+    wait.until(lambda d: d.find_elements(By.XPATH, "//*[normalize-space(text())='Auto-Accept Suggestions']"))
     if not driver.execute_script(REGIONS_JS)["accept"]:
         driver.find_element(By.XPATH, "//*[normalize-space(text())='Auto-Accept Suggestions']").click()
     driver.find_element(By.XPATH, f"//span[@class='lsf-label__text' and text()='{lc.ROI_LABEL}']").click()
-    smart = [e for e in driver.find_elements(By.CSS_SELECTOR, ".lsf-tool_smart") if e.size["width"] > 0]
-    assert smart, "the smart ROI tool is not in the toolbar with Auto-Annotation on"
+    smart = wait.until(lambda d: [e for e in d.find_elements(By.CSS_SELECTOR, ".lsf-tool_smart")
+                                  if e.size["width"] > 0])  # shown once Auto-Annotation is on
     if "lsf-tool_active" not in smart[0].get_attribute("class"):
         smart[0].click()
+    wait.until(lambda d: "lsf-tool_active" in smart[0].get_attribute("class"))
     canvas = image_canvas(driver)
     width, height = canvas.size["width"], canvas.size["height"]
     scale_x, scale_y = width / image_size[0], height / image_size[1]
@@ -174,7 +178,7 @@ def ask_with_a_box(driver, box: list[float], image_size: tuple[int, int]) -> Non
     actions.release().key_up(Keys.CONTROL).perform()
 
 
-def wait_for_answer(driver, store, image_id: str, before: int | None, timeout: float = 60.0):
+def wait_for_answer(driver, store, image_id: str, before: int | None, shots: Path, timeout: float = 60.0):
     """The new query the backend recorded, once its answer is in the page (the report mentions the ROI)."""
     from selenium.webdriver.common.by import By
 
@@ -190,6 +194,7 @@ def wait_for_answer(driver, store, image_id: str, before: int | None, timeout: f
                                                     for r in state["regions"]):
                     return query, state
         time.sleep(0.25)
+    driver.save_screenshot(str(shots / "labelstudio_no_answer.png"))  # what the page showed instead
     raise AssertionError("no interactive answer in the page" if query else
                          "Label Studio sent no interactive request to the backend for the drawn box")
 
@@ -263,7 +268,8 @@ def test_reader_draws_an_roi_box_and_gets_the_answer(labelstudio_server, reader,
         before = store.latest_query(image_id=lesion["image_id"])
         started = time.perf_counter()
         ask_with_a_box(reader, box, lesion["size"])
-        query, state = wait_for_answer(reader, store, lesion["image_id"], before.query_id if before else None)
+        query, state = wait_for_answer(reader, store, lesion["image_id"], before.query_id if before else None,
+                                       tmp_path)
         seconds = time.perf_counter() - started
     # the backend got the box the reader drew (screen pixels -> image pixels: within a few pixels)
     bx, by, bw, bh = query.roi["bbox"]
@@ -293,7 +299,7 @@ def test_reader_draws_an_roi_box_and_gets_the_answer(labelstudio_server, reader,
     field = reader.find_element(By.CSS_SELECTOR, "[placeholder^='...or type a new concept']")
     field.send_keys(typed, Keys.ENTER)
     reader.find_element(By.XPATH, "//button[normalize-space(.)='Submit']").click()
-    deadline, rows = time.monotonic() + 30, []
+    deadline, rows = time.monotonic() + 60, []
     while time.monotonic() < deadline and not rows:
         db = open_catalog(ls_pipeline.ws)
         try:
@@ -330,7 +336,8 @@ def test_patch_review_task_shows_the_patch_and_answers_a_box(labelstudio_server,
     with ConceptStore(ls_pipeline.ws) as store:
         before = store.latest_query(image_id=task.data["image_id"])
         ask_with_a_box(reader, [size * 0.3, size * 0.3, size * 0.4, size * 0.4], (size, size))
-        query, state = wait_for_answer(reader, store, task.data["image_id"], before.query_id if before else None)
+        query, state = wait_for_answer(reader, store, task.data["image_id"], before.query_id if before else None,
+                                       tmp_path)
     assert query.patch_box == task.data["box"]
     assert any(r["label"] == lc.MOST_ALIGNED_LABEL for r in state["regions"])
     shot = tmp_path / "labelstudio_patch_review.png"
