@@ -35,7 +35,7 @@ def activation_like(n: int, units: int, rng: np.random.Generator) -> np.ndarray:
 
 def naive_iou(maps: torch.Tensor, thresholds: torch.Tensor, roi: torch.Tensor, size: int) -> np.ndarray:
     up = torch.nn.functional.interpolate(maps[None], size=(size, size), mode="bilinear", align_corners=False)[0]
-    masks = up >= thresholds[:, None, None]
+    masks = up > thresholds[:, None, None]
     inter = (masks & roi).sum(dim=(1, 2))
     union = (masks | roi).sum(dim=(1, 2))
     return (inter / union).cpu().numpy()

@@ -38,7 +38,7 @@ def reference_upsample(maps: np.ndarray, size: int) -> np.ndarray:
 
 
 def reference_iou(maps: np.ndarray, thresholds: np.ndarray, roi: np.ndarray) -> np.ndarray:
-    masks = reference_upsample(maps, roi.shape[0]) >= thresholds[:, None, None]
+    masks = reference_upsample(maps, roi.shape[0]) > thresholds[:, None, None]
     inter = np.array([np.count_nonzero(m & roi) for m in masks])
     union = np.array([np.count_nonzero(m | roi) for m in masks])
     return inter / union
@@ -84,7 +84,7 @@ def test_fast_query_equals_the_brute_force_reference(backend):
     for maps, thresholds in _cases(rng):
         pm = PatchMasks.from_maps(maps, thresholds, size, backend=backend)
         dense = unit_masks(maps, thresholds, size)
-        np.testing.assert_array_equal(dense, reference_upsample(maps, size) >= thresholds[:, None, None])
+        np.testing.assert_array_equal(dense, reference_upsample(maps, size) > thresholds[:, None, None])
         np.testing.assert_array_equal(pm.areas, dense.sum(axis=(1, 2)))
         for u in range(maps.shape[0]):
             np.testing.assert_array_equal(pm.mask(u), dense[u])

@@ -7,7 +7,9 @@ For one layer with units i = 0..U-1 and a patch set j = 0..n-1 (design, Data flo
   own float32 rank arithmetic) where ``v_i`` holds unit i's activation at every position of every
   patch at the layer's native resolution; ``q`` = :data:`DEFAULT_QUANTILE`.
 - Unit i's mask on a patch: its map upsampled bilinearly to the patch size (:func:`upsample_maps`)
-  and thresholded: ``M_i = up(S_i) >= T[i]`` (:func:`unit_masks`).
+  and thresholded: ``M_i = up(S_i) > T[i]`` (:func:`unit_masks`). Strictly above: a unit whose
+  quantile is 0 (a ReLU unit silent on more than 1 - q of all positions) then has the mask of where it
+  fires, not the whole patch (with ``>=`` such a unit would look aligned with any large ROI).
 - For an ROI ``A`` (pixels of the patch): ``IoU_i = |A & M_i| / |A | M_i|`` (:func:`roi_iou`); units
   with ``IoU_i >= DEFAULT_IOU_THRESHOLD`` are "aligned".
 - The neuron embedding: PCA of ``a`` with units as rows, 2 components (:func:`pca_embedding`).
@@ -32,7 +34,7 @@ DEFAULT_QUANTILE = 0.99
 DEFAULT_TOP_K = 16
 DEFAULT_IOU_THRESHOLD = 0.2
 ALIGN_CORNERS = False
-MASK_RULE = ">="   # M_i = upsampled map >= T[i]
+MASK_RULE = ">"   # M_i = upsampled map > T[i]
 
 
 def bilinear_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -73,12 +75,12 @@ def upsample_maps(maps: np.ndarray | torch.Tensor, size: int) -> np.ndarray | to
 
 def unit_masks(maps: np.ndarray | torch.Tensor, thresholds: np.ndarray | torch.Tensor,
                size: int) -> np.ndarray | torch.Tensor:
-    """(units, size, size) bool: ``upsample_maps(maps, size)[i] >= thresholds[i]``."""
+    """(units, size, size) bool: ``upsample_maps(maps, size)[i] > thresholds[i]``."""
     up = upsample_maps(maps, size)
     if isinstance(up, torch.Tensor):
         t = torch.as_tensor(thresholds, dtype=torch.float32, device=up.device)
-        return up >= t[:, None, None]
-    return up >= np.asarray(thresholds, dtype=np.float32)[:, None, None]
+        return up > t[:, None, None]
+    return up > np.asarray(thresholds, dtype=np.float32)[:, None, None]
 
 
 def roi_iou(masks: np.ndarray, roi: np.ndarray) -> np.ndarray:

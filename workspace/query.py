@@ -176,7 +176,7 @@ def _masks_torch(maps, thresholds, margin, candidates, size, device):
     for start in range(0, candidates.size, MASK_CHUNK_UNITS):
         units = candidates[start:start + MASK_CHUNK_UNITS]
         src = torch.from_numpy(maps[units]).to(device)
-        mask = upsample_maps(src, size) >= torch.from_numpy(thresholds[units]).to(device)[:, None, None]
+        mask = upsample_maps(src, size) > torch.from_numpy(thresholds[units]).to(device)[:, None, None]
         counts = mask.flatten(1).count_nonzero(dim=1).cpu().numpy()
         areas[units] = counts
         nonempty = counts > 0
@@ -217,7 +217,7 @@ def _masks_numpy(maps, thresholds, margin, candidates, size, device):
         x_lo, x_hi = np.searchsorted(c1, cols[0], "left"), np.searchsorted(c0, cols[-1], "right")
         across = w0[x_lo:x_hi] * m[:, c0[x_lo:x_hi]] + w1[x_lo:x_hi] * m[:, c1[x_lo:x_hi]]
         window = (h0[y_lo:y_hi, None] * across[r0[y_lo:y_hi]]
-                  + h1[y_lo:y_hi, None] * across[r1[y_lo:y_hi]]) >= thresholds[u]
+                  + h1[y_lo:y_hi, None] * across[r1[y_lo:y_hi]]) > thresholds[u]
         area = int(np.count_nonzero(window))
         areas[u] = area
         if area:
