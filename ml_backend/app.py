@@ -484,7 +484,7 @@ class BackendApp:
             message = f"internal error in the mammo-dissect backend: {type(error).__name__}: {error}"
             status, body = 500, {"error": message, "code": "internal", "status": 500}
             line = _status_line(500, message)
-        data = json.dumps(body, allow_nan=False, default=_jsonable).encode()
+        data = json.dumps(body, allow_nan=False, default=pr.json_default).encode()
         headers = [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
         if status == 401:
             headers.append(("WWW-Authenticate", 'Basic realm="mammo-dissect"'))
@@ -538,14 +538,6 @@ def _read_json(environ: dict) -> dict:
     return payload
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON: {type(value).__name__}")
 
 
 def create_app(workspace: str | os.PathLike | None = None) -> BackendApp:

@@ -41,6 +41,19 @@ class Stack:
     def dead(self) -> list[Service]:
         return [s for s in self.services if not s.alive()]
 
+    def serve(self, banner: str) -> int:
+        """Print ``banner``, block until Ctrl-C (0) or until a service dies (1, with its log tail); stop all."""
+        print(banner)
+        print("Ctrl-C stops everything.", flush=True)
+        try:
+            dead = self.wait()
+            if dead is not None:
+                print(f"{dead.name} stopped unexpectedly; see {dead.log_path}:\n{dead.log_tail()}")
+                return 1
+        finally:
+            self.stop()
+        return 0
+
     def wait(self, poll_s: float = 1.0) -> Service | None:
         """Block until Ctrl-C (returns None) or until a service dies (returns it)."""
         try:

@@ -21,12 +21,14 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from ml_backend import label_configs as lc
 from ml_backend import predictions as pr
 from ml_backend.predictions import RequestError
 from workspace.schema import utc_now
+
+
+def _lenient(value: Any) -> Any:
+    return pr.json_default(value, lenient=True)
 
 if TYPE_CHECKING:
     from ml_backend.app import Backend
@@ -136,9 +138,9 @@ def handle_event(backend: Backend, payload: dict) -> dict:
     event_id = _insert(backend, {
         "annotation_id": _id(annotation), "task_id": _id(task), "project_id": _id(payload.get("project")),
         "image_id": image_id, "action": action, "reader": reader,
-        "roi": json.dumps(roi_record, default=_plain) if roi_record else None,
+        "roi": json.dumps(roi_record, default=_lenient) if roi_record else None,
         "choices": json.dumps(answers["choices"]), "concept": answers["concept"],
-        "payload": json.dumps(payload, default=_plain), "received_at": utc_now()})
+        "payload": json.dumps(payload, default=_lenient), "received_at": utc_now()})
     if failure is not None:
         raise RequestError(f"event {event_id} kept, but its ROI could not be used: {failure}",
                            status=failure.status, code=failure.code)
@@ -180,19 +182,11 @@ def _deleted(backend: Backend, payload: dict) -> dict:
         events.append(_insert(backend, {
             "annotation_id": _id(item), "task_id": None, "project_id": _id(payload.get("project")),
             "image_id": None, "action": DELETE_ACTION, "reader": None, "roi": None, "choices": None,
-            "concept": None, "payload": json.dumps(payload, default=_plain), "received_at": utc_now()}))
+            "concept": None, "payload": json.dumps(payload, default=_lenient), "received_at": utc_now()}))
     return {"status": "ok", "event_ids": events, "action": DELETE_ACTION,
             "notes": ["labels that came from these annotations are kept (see the label history)"]}
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
 
 
 __all__ = ["handle_event", "submitted", "reader_of"]

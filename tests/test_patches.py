@@ -46,18 +46,20 @@ def test_every_lesion_patch_overlaps_its_lesion_and_the_true_finding(small_cohor
         assert 0 <= r["x"] <= image["cols"] - size and 0 <= r["y"] <= image["rows"] - size
 
 
-def test_no_normal_patch_touches_a_finding_and_all_lie_in_tissue(small_cohort):
+def test_no_normal_patch_touches_a_finding_and_all_are_centred_in_tissue(small_cohort):
     ws, size = small_cohort.ws, small_cohort.patch_size
     db = open_catalog(ws)
     images = _image_rows(db)
     ps = P.open_patch_set(ws, small_cohort.patch_set)
+    assert ps.params["normal"] == P.DEFAULT_NORMAL_RULE == "centre:0.25"
     normal = [r for r in ps.rows if r["label"] == 0]
     assert normal
     for r in normal:
         image = images[r["image_id"]]
         assert image["label"] == 0
         fg = load_foreground(ws, image)
-        assert fg[r["y"]:r["y"] + size, r["x"]:r["x"] + size].all()
+        assert fg[r["y"] + size // 2, r["x"] + size // 2]  # the centre is in the breast
+        assert P.tissue_fraction(fg, r["x"], r["y"], size) >= 0.25
         for le in db.query("SELECT * FROM lesions WHERE image_id = ? AND source = 'ground_truth'", [r["image_id"]]):
             if le["pathology"] == "benign":
                 continue  # benign findings belong to the normal class on purpose
@@ -65,6 +67,66 @@ def test_no_normal_patch_touches_a_finding_and_all_lie_in_tissue(small_cohort):
     # and no normal patch comes from an image holding a malignant finding
     positive_images = {le["image_id"] for le in db.query("SELECT image_id FROM lesions WHERE pathology = 'malignant'")}
     assert not positive_images & {r["image_id"] for r in normal}
+
+
+def _tissue_fractions(ws, rows, images):
+    foregrounds: dict[str, np.ndarray] = {}
+    out = []
+    for r in rows:
+        if r["image_id"] not in foregrounds:
+            foregrounds[r["image_id"]] = load_foreground(ws, images[r["image_id"]])
+        out.append(P.tissue_fraction(foregrounds[r["image_id"]], r["x"], r["y"], r["size"]))
+    return np.array(out)
+
+
+def test_normal_and_lesion_patches_hold_comparable_amounts_of_background(small_cohort):
+    """The shortcut of the all-tissue recipe: background in a patch meant "lesion". Not any more."""
+    ws = small_cohort.ws
+    images = _image_rows(open_catalog(ws))
+    ps = P.open_patch_set(ws, small_cohort.patch_set)
+    lesion = _tissue_fractions(ws, [r for r in ps.rows if r["label"] == 1], images)
+    normal = _tissue_fractions(ws, [r for r in ps.rows if r["label"] == 0], images)
+    touching_lesion, touching_normal = float((lesion < 1).mean()), float((normal < 1).mean())
+    print("touching", touching_lesion, touching_normal, np.median(lesion), np.median(normal))
+    assert touching_lesion > 0.2, "this cohort has lesions near the skin line"
+    assert touching_normal > 0.5 * touching_lesion, (touching_normal, touching_lesion)
+    assert abs(float(np.median(normal)) - float(np.median(lesion))) < 0.25
+    # the original rule stays available and draws only all-tissue normal patches
+    old = P.build_patch_set(ws, "all_tissue", size=small_cohort.patch_size, step=small_cohort.patch_step,
+                            normal="all")
+    assert old["params"]["normal"] == "all"
+    old_rows = P.open_patch_set(ws, "all_tissue").rows
+    assert (_tissue_fractions(ws, [r for r in old_rows if r["label"] == 0], images) == 1).all()
+    assert old["digest"] != small_cohort.patch_summary["digest"]
+
+
+def test_normal_rules_on_a_drawn_foreground():
+    fg = np.zeros((400, 400), bool)
+    fg[:, :270] = True                      # breast on the left, skin line at x = 270
+    avoid = [_ellipse_region(60.0, 330.0, 20.0, 20.0)]
+
+    def rule(text, mask=fg):
+        return set(P.normal_patch_positions(mask, 100, 25, avoid, P.NormalRule.parse(text)))
+
+    centre, whole, strict = rule("centre:0.25"), rule("all"), rule("centre:0.9")
+    assert whole < strict < centre
+    assert max(x for x, _ in whole) == 150 and max(x for x, _ in strict) == 175
+    assert max(x for x, _ in centre) == 200   # past the skin line: 70 % breast
+    for x, y in centre:
+        assert fg[y + 50, x + 50] and P.tissue_fraction(fg, x, y, 100) >= 0.25
+        assert avoid[0].area_in(x, y, 100) == 0
+    assert (0, 300) not in centre and (0, 200) in centre
+    assert set(P.normal_patch_positions(fg, 100, 25, avoid)) == centre  # the default rule
+    assert str(P.NormalRule.parse(None)) == P.DEFAULT_NORMAL_RULE
+    speck = np.zeros((400, 400), bool)
+    speck[140:160, 140:160] = True          # a centre in the breast, but 4 % of the patch
+    assert rule("centre", speck) == {(100, 100)} and rule("centre:0.25", speck) == set()
+
+
+@pytest.mark.parametrize("rule", ["tissue", "centre:x", "centre:1.5", "all:0.5"])
+def test_bad_normal_rule_is_one_clear_error(rule):
+    with pytest.raises(P.PatchError, match="normal rule"):
+        P.NormalRule.parse(rule)
 
 
 def test_classes_are_balanced_and_normal_patches_spread_over_images(small_cohort):
@@ -185,6 +247,8 @@ def test_cli_patches_and_errors(small_cohort, capsys, ws):
     assert summary["params"]["inside"] == "fraction:0.3"
     assert main(["patches", "--inside", "somewhere", "-w", root]) == 1
     assert "error: unknown inside rule" in capsys.readouterr().err
+    assert main(["patches", "--normal", "edge", "-w", root]) == 1
+    assert "error: unknown normal rule" in capsys.readouterr().err
     assert main(["patches", "-w", str(ws.root)]) == 1  # an empty workspace
     assert "error: no lesion patches" in capsys.readouterr().err
     with pytest.raises(P.PatchError, match="no patch set 'nope'"):

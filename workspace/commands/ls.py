@@ -29,16 +29,7 @@ def _up(args: argparse.Namespace) -> int:
     stack = bring_up(ws, ls_url=args.labelstudio_url, ls_token=args.labelstudio_token, ls_port=args.port,
                      backend_host=args.backend_host, backend_port=args.backend_port, backend_auth=_auth(args),
                      backend_url=args.backend_url)
-    print(describe(stack))
-    print("Ctrl-C stops everything.", flush=True)
-    try:
-        dead = stack.wait()
-        if dead is not None:
-            print(f"{dead.name} stopped unexpectedly; see {dead.log_path}:\n{dead.log_tail()}")
-            return 1
-    finally:
-        stack.stop()
-    return 0
+    return stack.serve(describe(stack))
 
 
 def _running_server(ws):

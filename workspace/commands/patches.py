@@ -13,8 +13,8 @@ def _run(args: argparse.Namespace) -> int:
     from workspace.patches import build_patch_set
 
     ws = Workspace.open(args.workspace)
-    summary = build_patch_set(ws, args.name, size=args.size, step=args.step, inside=args.inside, seed=args.seed,
-                              dataset=args.dataset)
+    summary = build_patch_set(ws, args.name, size=args.size, step=args.step, inside=args.inside, normal=args.normal,
+                              seed=args.seed, dataset=args.dataset)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -33,13 +33,19 @@ def add_parser(subparsers, parents) -> None:
         "patches", parents=parents, help="build the patch set (lesion and normal patches) from the catalog",
         description="Crop SIZE x SIZE patches with step STEP: lesion patches inside each annotated region of "
                     "BI-RADS 0 images (the ellipses of the annotated copies, else masks/boxes/contours), normal "
-                    "patches from all-tissue areas of BI-RADS 1/2 images, balanced, split by patient.")
+                    "patches of BI-RADS 1/2 images whose centre is in the breast with at least a quarter of it breast (--normal), "
+                    "balanced, split by patient.")
     parser.add_argument("--name", default="default", help="patch set name (default: default)")
     parser.add_argument("--size", type=int, default=512, help="patch side in pixels (default 512)")
     parser.add_argument("--step", type=int, default=256, help="grid step in pixels (default 256)")
     parser.add_argument("--inside", default="centre", metavar="RULE",
                         help="when a lesion patch is inside its region: centre (default: the patch centre is "
                              "in it), all (the whole patch), fraction:F (at least F of the patch area)")
+    parser.add_argument("--normal", default="centre:0.25", metavar="RULE",
+                        help="where a normal patch may lie: centre:F (default centre:0.25: the patch centre is in "
+                             "the breast and at least F of the patch is breast, as lesion patches near the skin "
+                             "line are), centre (F = 0), all (the whole patch in the breast: the original recipe, "
+                             "which taught the model that background means lesion)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the normal-patch draw (default 0)")
     parser.add_argument("--dataset", default=None, help="use only this dataset's images (default: all)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -49,15 +49,10 @@ def bring_everything_up(ws, args: argparse.Namespace) -> int:
             for service in fo_services:
                 if service.url and service.name not in ("mongod",):
                     lines.append(f"FiftyOne      {service.url}")
-        print("\n".join(lines))
-        print("Ctrl-C stops everything.", flush=True)
-        dead = stack.wait()
-        if dead is not None:
-            print(f"{dead.name} stopped unexpectedly; see {dead.log_path}:\n{dead.log_tail()}")
-            return 1
-    finally:
+    except BaseException:
         stack.stop()
-    return 0
+        raise
+    return stack.serve("\n".join(lines))
 
 
 def add_parser(subparsers, parents) -> None:
