@@ -87,7 +87,6 @@ def test_normal_and_lesion_patches_hold_comparable_amounts_of_background(small_c
     lesion = _tissue_fractions(ws, [r for r in ps.rows if r["label"] == 1], images)
     normal = _tissue_fractions(ws, [r for r in ps.rows if r["label"] == 0], images)
     touching_lesion, touching_normal = float((lesion < 1).mean()), float((normal < 1).mean())
-    print("touching", touching_lesion, touching_normal, np.median(lesion), np.median(normal))
     assert touching_lesion > 0.2, "this cohort has lesions near the skin line"
     assert touching_normal > 0.5 * touching_lesion, (touching_normal, touching_lesion)
     assert abs(float(np.median(normal)) - float(np.median(lesion))) < 0.25

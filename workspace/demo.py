@@ -91,8 +91,11 @@ def prepare(ws: Workspace, *, patients: int = DEMO_PATIENTS, seed: int = DEMO_SE
         run = run_dissection(ws, loaded, patch_set=DEMO_PATCH_SET, split=None)
     timings["dissection"] = time.perf_counter() - t
 
-    seeded = seed_example_concepts(ws, run)
-    for name, units in seeded.concepts.items():
+    # Seed once per model and layer: later runs leave the labels to people.
+    already = db.execute("SELECT COUNT(*) FROM label_events WHERE model_digest = ? AND layer = ?",
+                         [run.model_digest, run.layer]).fetchone()[0]
+    seeded = seed_example_concepts(ws, run) if not already else None
+    for name, units in (seeded.concepts.items() if seeded else ()):
         if units:
             notes.append(f"seeded example concept {name!r} on units {units}")
     return DemoState(ws=ws, loaded=loaded, run=run, image_ids=image_ids, timings=timings, notes=notes)
