@@ -1,9 +1,13 @@
 """The real FiftyOne App in headless Chromium: the Neuron map panel opens with the layout, a click on a
 unit shows its top patches in the grid, a lasso selection is labelled in one action and lands in the
-concept store. Screenshots go to docs/img/ for the README."""
+concept store.
+
+Screenshots are kept in the test's folder; with ``MAMMO_UPDATE_SCREENSHOTS=1`` they also replace
+``docs/img/fiftyone_*.png`` (so a CI run leaves the tracked pictures alone)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import time
@@ -69,10 +73,16 @@ def _body(d) -> str:
     return d.find_element(By.TAG_NAME, "body").text
 
 
-def _shot(d, name: str) -> Path:
-    IMG_DIR.mkdir(parents=True, exist_ok=True)
-    path = IMG_DIR / name
+def _keep(path: Path) -> None:
+    if os.environ.get("MAMMO_UPDATE_SCREENSHOTS") == "1":
+        IMG_DIR.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, IMG_DIR / path.name)
+
+
+def _shot(d, shots: Path, name: str) -> Path:
+    path = shots / name
     d.save_screenshot(str(path))
+    _keep(path)
     return path
 
 
@@ -93,9 +103,9 @@ def _lasso_box(points: dict[int, list[float]], area: list[float]):
     raise AssertionError(f"no clean lasso box among {points}")
 
 
-def test_neuron_map_click_lasso_and_label_in_the_real_app(fo_pipeline, fo_app, browser):
+def test_neuron_map_click_lasso_and_label_in_the_real_app(fo_pipeline, fo_app, browser, tmp_path):
     try:
-        _drive_the_app(fo_pipeline, fo_app, browser)
+        _drive_the_app(fo_pipeline, fo_app, browser, tmp_path)
     finally:  # the pipeline workspace is shared: leave its labels as they were
         with ConceptStore(fo_pipeline.ws) as store:
             if store.find_concept("Browser concept") is not None:
@@ -103,7 +113,7 @@ def test_neuron_map_click_lasso_and_label_in_the_real_app(fo_pipeline, fo_app, b
                                     concept="Browser concept", by="test-cleanup", source="api")
 
 
-def _drive_the_app(fo_synced, fo_app, browser):
+def _drive_the_app(fo_synced, fo_app, browser, shots: Path):
     from fiftyone import ViewField as F
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
@@ -116,7 +126,7 @@ def _drive_the_app(fo_synced, fo_app, browser):
     for dismiss in d.find_elements(By.XPATH, "//button[normalize-space()='Dismiss']"):
         dismiss.click()
     time.sleep(1.0)
-    _shot(d, "fiftyone_neuron_map.png")
+    _shot(d, shots, "fiftyone_panel_opened.png")  # the README picture (a unit clicked) is taken on the demo
     plot = d.find_element(By.CSS_SELECTOR, ".js-plotly-plot")
     geometry = d.execute_script(POINTS_JS)
     points = {int(k): v for k, v in geometry["points"].items()}
@@ -129,9 +139,10 @@ def _drive_the_app(fo_synced, fo_app, browser):
         .pause(0.4).click().perform()
     _wait(lambda: re.search(rf"(?<!\d){k} samples", _body(d)) and f"Unit {unit} shown" in _body(d))
     time.sleep(1.5)  # the grid's thumbnails
-    _shot(d, "fiftyone_unit_top_patches.png")
+    _shot(d, shots, "fiftyone_unit_top_patches.png")
     montage = fo_synced.neurons.match(F("unit") == unit).first().filepath
-    shutil.copyfile(montage, IMG_DIR / "fiftyone_unit_montage.png")
+    shutil.copyfile(montage, shots / "fiftyone_unit_montage.png")
+    _keep(shots / "fiftyone_unit_montage.png")
 
     # lasso a box around a unit; the expected selection is every point clearly inside it
     (cx, cy), half, inside = _lasso_box(points, geometry["area"])
@@ -149,7 +160,7 @@ def _drive_the_app(fo_synced, fo_app, browser):
     field = d.find_element(By.XPATH, "//input[@placeholder='e.g. spiculated margin']")
     field.send_keys("Browser concept")
     time.sleep(1.0)  # the App debounces text input into the panel state
-    _shot(d, "fiftyone_lasso_selection.png")
+    _shot(d, shots, "fiftyone_lasso_selection.png")
     d.find_element(By.XPATH, f"//button[normalize-space()='Label {len(inside)} unit(s)']").click()
     _wait(lambda: 'as "Browser concept"' in _body(d))
     with ConceptStore(fo_synced.ws) as store:
@@ -166,4 +177,4 @@ def _drive_the_app(fo_synced, fo_app, browser):
     assert {int(i) for i in mine["ids"]} == inside and mine["color"] != "#b0b0b0"
     assert max(mine["size"]) <= 18
     time.sleep(1.0)
-    _shot(d, "fiftyone_labelled.png")
+    _shot(d, shots, "fiftyone_labelled.png")

@@ -434,6 +434,9 @@ def _render_html(report: Report) -> str:
         label_me = (f'<p class="sub">{len(report.label_me)} unit(s) align with the ROI but carry no concept yet. '
                     f'Label them to make the next reports finer.</p><table><tr><th>unit</th><th>IoU</th>'
                     f'<th>activation ÷ T</th><th>activation</th></tr>{rows}</table>')
+    elif report.has_roi and not report.aligned:
+        label_me = (f'<p class="empty">No unit is aligned with this ROI (IoU &ge; {report.iou_threshold:g}): '
+                    f'nothing to label.</p>')
     elif report.has_roi:
         label_me = '<p class="empty">Every unit aligned with this ROI is labelled.</p>'
     else:
