@@ -251,7 +251,9 @@ def _ensure_webhook(client, project_id: int, backend_url: str, auth: tuple[str, 
 
 def _existing_tasks(client, project_id: int) -> dict[tuple, Any]:
     found = {}
-    for task in _items(client.tasks.list(project=project_id, page_size=500)):
+    # review=True: listing must not make Label Studio ask the backend for every unpredicted task on the page
+    # (evaluate_predictions_automatically), which cost ~60 s per 500 tasks on a restart
+    for task in _items(client.tasks.list(project=project_id, page_size=500, review=True)):
         found.setdefault(_task_key_from(task), task)
     return found
 

@@ -6,6 +6,7 @@ Used by ``mammo up`` and ``mammo ls up``. Every process is a child started by
 
 from __future__ import annotations
 
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,10 @@ def _port(preferred: int | None, fallback: int) -> int | None:
     if preferred:
         return preferred
     return None if port_open("127.0.0.1", fallback) else fallback
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 @dataclass
@@ -45,12 +50,14 @@ class Stack:
         """Print ``banner``, block until Ctrl-C (0) or until a service dies (1, with its log tail); stop all."""
         print(banner)
         print("Ctrl-C stops everything.", flush=True)
+        previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops the children too
         try:
             dead = self.wait()
             if dead is not None:
                 print(f"{dead.name} stopped unexpectedly; see {dead.log_path}:\n{dead.log_tail()}")
                 return 1
         finally:
+            signal.signal(signal.SIGTERM, previous)
             self.stop()
         return 0
 
