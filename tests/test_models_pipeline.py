@@ -26,7 +26,9 @@ def cohort(tmp_path_factory):
     ws = Workspace.open(tmp_path_factory.mktemp("models-pipeline") / "ws")
     synth.synthesize(ws, 6, seed=5, image_shape=SHAPE, birads0_fraction=0.8)
     db = open_catalog(ws)
-    patients = [r["patient_id"] for r in db.query("SELECT patient_id FROM patients ORDER BY patient_id")]
+    # by source path, not by pseudonym (keyed at random per workspace): the val patient must be the same each run
+    patients = [r["patient_id"] for r in db.query("SELECT patient_id FROM images GROUP BY patient_id "
+                                                  "ORDER BY MIN(source_path)")]
     for i, patient in enumerate(patients):
         split = ("train", "train", "val", "test")[i % 4] if i < 4 else "train"
         db.execute("UPDATE patients SET split = ? WHERE patient_id = ?", [split, patient])
