@@ -78,6 +78,7 @@ def test_run_folder_manifest_catalog_and_exact_arrays(ws):
     assert m["n_units"] == 16 and m["n_patches"] == 40 and m["map_shape"] == [8, 8]
     assert m["thresholds"]["method"] == "exact" and m["thresholds"]["sketch_rank_error"] == 0
     assert m["align_corners"] is False and m["quantile"] == 0.99 and m["top_k"] == 5
+    assert m["mask_rule"] == "upsampled map > threshold"        # strictly above (dissection.MASK_RULE)
     assert {"torch", "numpy", "mammo_dissect"} <= set(m["versions"])
     assert m["timing"]["forward_s"] >= 0 and m["timing"]["statistics_s"] >= 0
     rows = list_runs(ws)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from workspace.dissection import ALIGN_CORNERS, roi_iou, unit_masks, upsample_maps
+from workspace.dissection import ALIGN_CORNERS, MASK_RULE, roi_iou, unit_masks, upsample_maps
 from workspace.errors import QueryError
 from workspace.query import PatchMasks, query_patch, roi_from_box
 
@@ -64,7 +64,7 @@ def _cases(rng: np.random.Generator):
     yield blobs, np.full(10, 0.7, np.float32)
     noise = np.maximum(rng.standard_normal((12, 6, 6)), 0).astype(np.float32)
     yield noise, np.quantile(noise.reshape(12, -1), 0.9, axis=1).astype(np.float32)
-    # thresholds equal to an interpolated value (>= must include it) and to the map's own max
+    # thresholds equal to an interpolated value (strictly above: that pixel is OUT) and to the map's own max
     up = reference_upsample(noise, 24)
     exact = np.array([up[u].reshape(-1)[rng.integers(0, 24 * 24)] for u in range(12)], np.float32)
     exact[0] = noise[0].max()
@@ -100,6 +100,37 @@ def test_fast_query_equals_the_brute_force_reference(backend):
                 assert result.most_aligned == result.ranking[0] and expect[result.most_aligned] == expect.max()
             else:
                 assert result.most_aligned is None
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_a_value_equal_to_the_threshold_is_outside_the_mask(backend):
+    """The mask rule is strictly above (MASK_RULE ">"): on every path a pixel whose upsampled value
+    equals T[i] is out, a map equal to T everywhere has an empty mask, and a silent (all-zero) unit
+    under T = 0 has an empty mask, not the whole patch."""
+    size = 16
+    maps = np.zeros((4, 4, 4), np.float32)
+    maps[0] = 2.0                                   # constant at T: every pixel equals T
+    maps[1, 1:3, 1:3] = 3.0                         # plateau: its interior pixels equal 3.0 exactly
+    maps[3, 2, 2] = 0.5                             # fires a little, T = 0: only where it fires
+    thresholds = np.array([2.0, 3.0, 0.0, 0.0], np.float32)
+    up = upsample_maps(maps, size)
+    assert (up[0] == 2.0).all() and (up[1] == 3.0).any() and (up[1] <= 3.0).all()
+    dense = unit_masks(maps, thresholds, size)
+    pm = PatchMasks.from_maps(maps, thresholds, size, backend=backend)
+    assert MASK_RULE == ">"
+    for u in (0, 1, 2):
+        assert not dense[u].any() and pm.areas[u] == 0 and not pm.mask(u).any(), u
+    np.testing.assert_array_equal(dense[3], up[3] > 0)
+    assert 0 < pm.areas[3] < size * size and pm.areas[3] == dense[3].sum()
+    np.testing.assert_array_equal(pm.mask(3), dense[3])
+    # one ulp above T is in: the rule is not "> T + something"
+    above = np.nextafter(np.float32(3.0), np.float32(4.0))
+    maps[1, 1, 1] = above
+    pm = PatchMasks.from_maps(maps, thresholds, size, backend=backend)
+    assert pm.areas[1] > 0 and pm.mask(1).sum() == unit_masks(maps, thresholds, size)[1].sum()
+    # a whole-patch ROI is aligned with no unit that merely sits at its threshold
+    result = query_patch(pm, np.ones((size, size), bool))
+    assert 0 not in result.aligned and 2 not in result.aligned and result.iou[0] == 0.0
 
 
 def test_wide_patches_pack_across_words_and_float16_maps_are_widened_exactly():

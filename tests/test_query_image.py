@@ -144,6 +144,10 @@ def test_query_on_a_read_reuses_its_maps_without_a_second_forward_pass(dissected
         handle.remove()
     assert calls == []                                   # the cached read's maps were used
     assert len(result.patches) >= 2
+    # a caller holding the read (reports) gets the masks already built, not a rebuild
+    from workspace.query import image_masks_for
+
+    assert image_masks_for(ws, image["image_id"], loaded, run, read=read) is result.image
     # the same numbers from the brute-force definition on the read's own maps
     expect_inter = np.zeros(run.n_units)
     expect_union = np.zeros(run.n_units)

@@ -146,9 +146,6 @@ class RoiQuery:
                 iou[unit] = value
         return iou
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
 class _Scope:
@@ -455,26 +452,6 @@ class ConceptStore:
             f"COUNT(l.unit) FROM concepts c LEFT JOIN neuron_labels l ON l.concept_id = c.concept_id"
             f"{join_filter} GROUP BY c.concept_id ORDER BY c.name_key", params)
         return [_concept_from_row(r[:6], n_units=r[6]) for r in rows]
-
-    def update_concept(self, name_or_id: str | int, *, description: str | None = None,
-                       colour: str | None = None) -> Concept:
-        """Change a concept's description and/or colour (its name is its identity and stays)."""
-        if colour:
-            colour = normalise_colour(colour)
-
-        def work(conn: sqlite3.Connection) -> Concept:
-            concept = self._find(conn, name_or_id)
-            if concept is None:
-                raise ConceptError(f"no concept {name_or_id!r}")
-            if description is not None:
-                conn.execute("UPDATE concepts SET description = ? WHERE concept_id = ?",
-                             [description, concept.concept_id])
-            if colour:
-                conn.execute("UPDATE concepts SET colour = ? WHERE concept_id = ?",
-                             [colour, concept.concept_id])
-            return self._find(conn, concept.concept_id)  # type: ignore[return-value]
-
-        return self._write(work)
 
     # -- scope: which model/layer, how many units --------------------------------------------
     def _scope(self, conn: sqlite3.Connection, model_digest: str | None, layer: str | None,

@@ -17,6 +17,12 @@ killed half way leaves only the partial folder (never a folder with a manifest) 
 status ``running``; calling again with the same configuration resumes from the last checkpoint. The
 run id is a digest of the configuration, so the same request finds the finished run instead of
 recomputing it (runs are immutable).
+
+The mask rule (:data:`workspace.dissection.MASK_RULE`) is NOT part of the run id: no array of a run
+depends on it (masks are made at query time from ``thresholds``), so a run written under an earlier
+rule (``>=`` before the change to strictly above) holds the same numbers, and every query on it
+applies the current rule. The manifest's ``mask_rule`` says which rule the code applied when the run
+was written, for the record only.
 """
 
 from __future__ import annotations

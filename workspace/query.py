@@ -7,7 +7,8 @@ bit-packed with its area; a query is then one intersection count per unit over t
 rows and words. Units whose native map never reaches the threshold (most units on most patches, as
 the threshold is a 0.99 quantile) have an empty mask and are skipped: a bilinear value is a convex
 combination of four map values, so it cannot exceed the map's max by more than a few float32
-rounding steps, and the skip test leaves a margin of 1e-5 relative.
+rounding steps (~1e-7 relative), and a unit is skipped only when ``max + margin <= T`` with a margin
+of 1e-5 relative (with the strictly-above rule an all-zero map under ``T = 0`` is skipped too).
 
 On the CPU the masks are numpy uint64 words and counts use ``np.bitwise_count``; on a GPU
 (``device="cuda"``) they are torch bool tensors on the device. Both give the same integers.
@@ -36,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from workspace.dissection import DEFAULT_IOU_THRESHOLD, bilinear_weights, upsample_maps
+from workspace.dissection import DEFAULT_IOU_THRESHOLD, bilinear_weights, unit_masks, upsample_maps
 from workspace.errors import QueryError
 
 SKIP_MARGIN = 1e-5          # relative margin of the empty-mask test (see the module docstring)
@@ -103,9 +104,11 @@ class PatchMasks:
             raise QueryError(f"unknown mask backend {backend!r} (numpy or torch)")
         flat = maps.reshape(maps.shape[0], -1)
         margin = SKIP_MARGIN * (np.abs(flat).max(axis=1) + np.abs(thresholds))   # (units,)
-        candidates = np.flatnonzero(flat.max(axis=1) >= thresholds - margin)
-        build = _masks_numpy if backend == "numpy" else _masks_torch
-        areas, stored, store = build(maps, thresholds, margin, candidates, size, device)
+        candidates = np.flatnonzero(flat.max(axis=1) + margin > thresholds)
+        if backend == "numpy":
+            areas, stored, store = _masks_numpy(maps, thresholds, margin, candidates, size)
+        else:
+            areas, stored, store = _masks_torch(maps, thresholds, candidates, size, device)
         return cls(maps, thresholds, size, areas, stored, store, device)
 
 
@@ -169,14 +172,14 @@ class PatchMasks:
         return unit
 
 
-def _masks_torch(maps, thresholds, margin, candidates, size, device):
-    """Masks of the candidate units, whole patches at a time, as bool tensors on ``device``."""
+def _masks_torch(maps, thresholds, candidates, size, device):
+    """Masks of the candidate units, whole patches at a time, as bool tensors on ``device``
+    (:func:`workspace.dissection.unit_masks`, the definition itself)."""
     areas = np.zeros(maps.shape[0], dtype=np.int64)
     chunks, kept = [], []
     for start in range(0, candidates.size, MASK_CHUNK_UNITS):
         units = candidates[start:start + MASK_CHUNK_UNITS]
-        src = torch.from_numpy(maps[units]).to(device)
-        mask = upsample_maps(src, size) > torch.from_numpy(thresholds[units]).to(device)[:, None, None]
+        mask = unit_masks(torch.from_numpy(maps[units]).to(device), thresholds[units], size)
         counts = mask.flatten(1).count_nonzero(dim=1).cpu().numpy()
         areas[units] = counts
         nonempty = counts > 0
@@ -188,11 +191,12 @@ def _masks_torch(maps, thresholds, margin, candidates, size, device):
     return areas, stored, store
 
 
-def _masks_numpy(maps, thresholds, margin, candidates, size, device):
+def _masks_numpy(maps, thresholds, margin, candidates, size):
     """Masks of the candidate units as packed uint64 rows, computing each unit's map only in the
     window of output pixels that have a near-threshold native cell among their four neighbours
-    (every other pixel is provably below the threshold). Same weights, same op order as
-    :func:`workspace.dissection.upsample_maps`, so the values are bit-identical."""
+    (every other pixel is provably not above the threshold). Same weights, same op order and the
+    same strictly-above test as :func:`workspace.dissection.unit_masks`, so the masks are identical
+    (``tests/test_query_exact.py`` checks it, the value equal to ``T`` included)."""
     _units, h, w = maps.shape
     r0, r1, h0, h1 = bilinear_weights(h, size)
     c0, c1, w0, w1 = bilinear_weights(w, size)
@@ -211,13 +215,13 @@ def _masks_numpy(maps, thresholds, margin, candidates, size, device):
 
     for u in candidates:
         m = maps[u]
-        hot = m >= thresholds[u] - margin[u]
+        hot = m + margin[u] > thresholds[u]
         rows, cols = np.flatnonzero(hot.any(axis=1)), np.flatnonzero(hot.any(axis=0))
         y_lo, y_hi = np.searchsorted(r1, rows[0], "left"), np.searchsorted(r0, rows[-1], "right")
         x_lo, x_hi = np.searchsorted(c1, cols[0], "left"), np.searchsorted(c0, cols[-1], "right")
         across = w0[x_lo:x_hi] * m[:, c0[x_lo:x_hi]] + w1[x_lo:x_hi] * m[:, c1[x_lo:x_hi]]
         window = (h0[y_lo:y_hi, None] * across[r0[y_lo:y_hi]]
-                  + h1[y_lo:y_hi, None] * across[r1[y_lo:y_hi]]) > thresholds[u]
+                  + h1[y_lo:y_hi, None] * across[r1[y_lo:y_hi]]) > thresholds[u]   # MASK_RULE
         area = int(np.count_nonzero(window))
         areas[u] = area
         if area:
@@ -470,13 +474,16 @@ IMAGE_CACHE_SIZE = 4
 
 def image_masks_for(ws: Any, image_id: str, loaded: Any, run: Any, *, read: Any = None) -> ImageMasks:
     """The (cached) per-patch masks of a whole-mammogram read under a run's thresholds. Reuses the
-    maps the read kept (``models.inference.read_mammogram(..., keep_maps=True)``): no second forward."""
+    maps the read kept (``models.inference.read_mammogram(..., keep_maps=True)``): no second forward.
+    A given ``read`` reuses the cached masks when its patch grid is the cached one (same image, model
+    and grid: same maps), so a caller that already holds the read does not rebuild them."""
     if run.model_digest != loaded.digest:
         raise QueryError(f"run {run.run_id} dissected model {run.model_digest}, not the loaded model {loaded.digest}")
     key = (str(ws.root), image_id, loaded.digest, run.run_id)
-    if key in _IMAGE_CACHE and read is None:
+    cached = _IMAGE_CACHE.get(key)
+    if cached is not None and (read is None or np.array_equal(cached.boxes, np.asarray(read.boxes).reshape(-1, 4))):
         _IMAGE_CACHE.move_to_end(key)
-        return _IMAGE_CACHE[key]
+        return cached
     if read is None:
         from models.inference import read_mammogram
 
@@ -512,4 +519,4 @@ def patch_maps(loaded: Any, x01: torch.Tensor, layer: str | None = None) -> np.n
 
 
 __all__ = ["PatchMasks", "QueryResult", "ImageMasks", "ImageQueryResult", "query_patch", "query_image",
-           "image_masks_for", "roi_from_box", "patch_maps", "bilinear_weights"]
+           "image_masks_for", "roi_from_box", "patch_maps"]

@@ -521,6 +521,28 @@ def latest_run_id(db: sqlite_utils.Database, model_digest: str | None = None) ->
     return rows[0][0]
 
 
+def model_of_run(ws: Workspace, run: DissectionRun, *, model_path: str | Path | None = None,
+                 device: str | None = None) -> LoadedModel:
+    """The model ``run`` dissected: its file from the catalog's ``models`` table (``model_path``
+    overrides), checked against the run's model digest."""
+    from models import checkpoint
+    from workspace.ingest import resolve_path
+
+    if model_path is None:
+        db = open_catalog(ws)
+        try:
+            rows = db.execute("SELECT path FROM models WHERE model_digest = ?", [run.model_digest]).fetchall()
+        finally:
+            db.conn.close()
+        if not rows:
+            raise ReportError(f"the model {run.model_digest} of run {run.run_id} is not in the catalog")
+        model_path = resolve_path(ws, rows[0][0])
+    loaded = checkpoint.load_checkpoint(model_path, device=device)
+    if loaded.digest != run.model_digest:
+        raise ReportError(f"run {run.run_id} dissected model {run.model_digest}, not {loaded.digest}")
+    return loaded
+
+
 def report_for_image(ws: Workspace, image_id: str, roi: np.ndarray | Sequence[int] | None = None, *,
                      run: DissectionRun | str | None = None, loaded: LoadedModel | None = None,
                      patch_box: Sequence[int] | None = None, store: ConceptStore | None = None,
@@ -533,7 +555,7 @@ def report_for_image(ws: Workspace, image_id: str, roi: np.ndarray | Sequence[in
     (default: loaded from the ``models`` table). With ``record``, the ROI query is stored and the
     report carries its ``query_id``.
     """
-    from models import checkpoint, inference  # heavy (torch): only when a real report is made
+    from models import inference  # heavy (torch): only when a real report is made
     from workspace import dissect_run, query
 
     db = open_catalog(ws)
@@ -541,14 +563,10 @@ def report_for_image(ws: Workspace, image_id: str, roi: np.ndarray | Sequence[in
         image = get_image(db, image_id)
         if run is None or isinstance(run, str):
             run = dissect_run.load_run(ws, run or latest_run_id(db))
-        model_rows = db.execute("SELECT path FROM models WHERE model_digest = ?", [run.model_digest]).fetchall()
     finally:
         db.conn.close()
     if loaded is None:
-        if not model_rows:
-            raise ReportError(f"the model {run.model_digest} of run {run.run_id} is not in the catalog")
-        path = Path(model_rows[0][0])
-        loaded = checkpoint.load_checkpoint(path if path.is_absolute() else ws.root / path)
+        loaded = model_of_run(ws, run)
     if loaded.digest != run.model_digest:
         raise ReportError(f"run {run.run_id} dissected model {run.model_digest}, not {loaded.digest}")
     read = inference.read_mammogram(ws, image_id, loaded, keep_maps=True)
@@ -598,8 +616,9 @@ def report_for_image(ws: Workspace, image_id: str, roi: np.ndarray | Sequence[in
 
     thumb = None
     if thumbnail and image.get("display_path"):
-        display = Path(image["display_path"])
-        display = display if display.is_absolute() else ws.root / display
+        from workspace.ingest import resolve_path
+
+        display = resolve_path(ws, image["display_path"])
         if display.exists():
             from PIL import Image
             pixels = np.asarray(Image.open(display).convert("L"))
