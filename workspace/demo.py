@@ -65,8 +65,7 @@ def prepare(ws: Workspace, *, patients: int = DEMO_PATIENTS, seed: int = DEMO_SE
     timings["cohort"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    if not db["patch_sets"].exists() or not db.execute(
-            "SELECT 1 FROM patch_sets WHERE patch_set = ?", [DEMO_PATCH_SET]).fetchone():
+    if not db.execute("SELECT 1 FROM patch_sets WHERE patch_set = ?", [DEMO_PATCH_SET]).fetchone():
         _say("cutting the paper's patch set (lesion patches inside the annotated ellipses, balanced normals)")
         build_patch_set(ws, DEMO_PATCH_SET)
     timings["patches"] = time.perf_counter() - t
@@ -76,8 +75,8 @@ def prepare(ws: Workspace, *, patients: int = DEMO_PATIENTS, seed: int = DEMO_SE
     image_ids = [r["image_id"] for r in db.query("SELECT image_id FROM images ORDER BY image_id")]
 
     t = time.perf_counter()
-    unread = [i for i in image_ids if not db.execute(
-        "SELECT 1 FROM image_reads WHERE image_id = ? AND model_digest = ?", [i, loaded.digest]).fetchone()]
+    read = {r[0] for r in db.execute("SELECT image_id FROM image_reads WHERE model_digest = ?", [loaded.digest])}
+    unread = [i for i in image_ids if i not in read]
     if unread:
         _say(f"reading {len(unread)} mammograms with the model (patch scores and feature maps kept)")
         result = read_many(ws, unread, loaded)

@@ -26,7 +26,6 @@ Every process started here is stopped by PID at the end, on failure and on Ctrl-
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -220,20 +219,6 @@ class _Read:
     before: dict = field(default_factory=dict)     # unit -> concept name it carried before the check
 
 
-def stack_options(args: Any) -> dict:
-    """``bring_up`` keywords from the service options of ``mammo up`` / ``mammo demo`` (argparse)."""
-    if args is None:
-        return {}
-    user, password = getattr(args, "backend_user", None), getattr(args, "backend_password", None)
-    options = {"ls_url": getattr(args, "labelstudio_url", None), "ls_token": getattr(args, "labelstudio_token", None),
-               "ls_port": getattr(args, "port", None), "backend_port": getattr(args, "backend_port", None),
-               "backend_url": getattr(args, "backend_url", None),
-               "backend_auth": (user, password) if user and password else None}
-    if getattr(args, "backend_host", None):
-        options["backend_host"] = args.backend_host
-    return options
-
-
 def run_checks(state: Any, args: Any = None, *, fiftyone_app: bool | None = None,
                echo: Callable[[str], None] = print) -> int:
     """Bring the demo of ``state`` (a :class:`workspace.demo.DemoState`) up, exercise each step once,
@@ -245,6 +230,7 @@ def run_checks(state: Any, args: Any = None, *, fiftyone_app: bool | None = None
     """
     from ml_backend import label_configs as lc
     from ml_backend.stack import bring_up, describe
+    from workspace.commands.up import stack_options
 
     ws, loaded, run = state.ws, state.loaded, state.run
     if fiftyone_app is None:
@@ -336,7 +322,7 @@ def run_checks(state: Any, args: Any = None, *, fiftyone_app: bool | None = None
                     "the unit ranking differs from workspace.query's")
             best = max((iou for _u, iou in answer.get("ranking") or []), default=0.0)
             return (f"ROI over the {read.roi_what} ({int(read.roi.sum())} px): {len(read.aligned)} aligned units "
-                    f"(IoU >= {expected_threshold(run):g}), best IoU {best:.2f}, {len(shown)} unit masks shown, "
+                    f"(IoU >= {expected.iou_threshold:g}), best IoU {best:.2f}, {len(shown)} unit masks shown, "
                     f"= workspace.query; answered through Label Studio in {seconds:.1f} s")
 
         roi_ok = prediction_ok and checks.step("roi query", roi_query)
@@ -407,14 +393,6 @@ def run_checks(state: Any, args: Any = None, *, fiftyone_app: bool | None = None
     return _finish(checks, services, started, echo)
 
 
-def expected_threshold(run: Any) -> float:
-    from workspace.dissection import DEFAULT_IOU_THRESHOLD
-
-    manifest = getattr(run, "manifest", None)
-    return float(manifest.get("iou_threshold", DEFAULT_IOU_THRESHOLD)) if isinstance(manifest, dict) \
-        else DEFAULT_IOU_THRESHOLD
-
-
 def _label_through_operator(ws: Any, db_uri: str, units: list[int]) -> tuple[int, list]:
     """``@mammo/dissect/label_units`` on the workspace's patches dataset, as the App runs it."""
     from fiftyone_plugins import dataset_names, operator_uri
@@ -468,18 +446,16 @@ def _cleanup(ws: Any, run: Any, read: _Read, services: list, mongod_url: str | N
     _expect(not left, f"units {left} still carry {CHECK_CONCEPT!r}")
     refreshed = ""
     if mongod_url:
-        from fiftyone_plugins import dataset_names
+        from fiftyone_plugins import dataset_names, operator_uri
         from fiftyone_plugins.launch import connect_here
 
-        connect_here(ws, mongod_url)
+        connect_here(ws, mongod_url)   # before FiftyOne's first import
         import fiftyone as fo
         import fiftyone.operators as foo
 
-        from fiftyone_plugins import operator_uri
-
-        if fo.dataset_exists(dataset_names()[0]):
-            result = foo.execute_operator(operator_uri("refresh_from_store"),
-                                          dataset=fo.load_dataset(dataset_names()[0]))
+        patches_name = dataset_names()[0]
+        if fo.dataset_exists(patches_name):
+            result = foo.execute_operator(operator_uri("refresh_from_store"), dataset=fo.load_dataset(patches_name))
             refreshed = f"; FiftyOne refreshed ({(result.result or {}).get('changed', 0)} units changed)"
     return (f"{removed} {CHECK_CONCEPT!r} labels removed, {restored} earlier labels given back{refreshed}; "
             "the history keeps them")
@@ -488,15 +464,11 @@ def _cleanup(ws: Any, run: Any, read: _Read, services: list, mongod_url: str | N
 def _stop(services: list) -> None:
     """Stop what was started here, last first, after closing this process's FiftyOne connection: FiftyOne
     queries its database when the process exits, and would wait 30 s for a stopped mongod."""
-    if "fiftyone" in sys.modules:
-        try:
-            import fiftyone.core.odm.database as fod
+    from workspace.commands.fiftyone import disconnect_fiftyone
+    from workspace.services import stop_all
 
-            fod._disconnect()
-        except Exception:  # noqa: BLE001 - only the exit would be slower
-            pass
-    for service in reversed(services):
-        service.stop()
+    disconnect_fiftyone()
+    stop_all(services)
 
 
 def _finish(checks: Checks, services: list, started: float, echo: Callable[[str], None]) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
+from typing import Any
 
 ORDER = 50
 
@@ -36,11 +38,20 @@ def _scope(args: argparse.Namespace, db, *, required: bool = True) -> tuple[str 
     return row[0], row[1], row[2]
 
 
-def _table(rows: list[list[str]], header: list[str]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
-    for row in rows:
+def _listing(args: argparse.Namespace, items: list, empty: str, header: list[str],
+             cells: Callable[[Any], list[str]]) -> int:
+    """``items`` (each with ``to_dict()``) as JSON with ``--json``, else ``empty`` or a table of ``cells(item)``."""
+    if args.json:
+        print(json.dumps([item.to_dict() for item in items], indent=2))
+        return 0
+    if not items:
+        print(empty)
+        return 0
+    rows = [cells(item) for item in items]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    for row in (header, *rows):
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -69,17 +80,12 @@ def _run(args: argparse.Namespace) -> int:
                     print(f"{store.get_concept(args.concept).name}: {len(units)} unit(s) of {layer} "
                           f"(model {model[:12]}): {', '.join(map(str, units)) or '-'}")
                 return 0
-            concepts = store.list_concepts(model, layer)
-            if args.json:
-                print(json.dumps([c.to_dict() for c in concepts], indent=2))
-                return 0
-            if not concepts:
-                print("no concepts yet (add one with `mammo concepts create NAME` or `mammo concepts label`)")
-                return 0
             where = f"units of {layer}, model {model[:12]}" if model else "units"
-            _table([[str(c.concept_id), c.name, str(c.n_units), c.colour, c.created_by, (c.description or "")[:60]]
-                    for c in concepts], ["id", "concept", where, "colour", "created by", "description"])
-            return 0
+            return _listing(args, store.list_concepts(model, layer),
+                            "no concepts yet (add one with `mammo concepts create NAME` or `mammo concepts label`)",
+                            ["id", "concept", where, "colour", "created by", "description"],
+                            lambda c: [str(c.concept_id), c.name, str(c.n_units), c.colour, c.created_by,
+                                       (c.description or "")[:60]])
 
         if args.action == "label":
             model, layer, run_id = _scope(args, store.db, required=args.n_units is None)
@@ -113,17 +119,12 @@ def _run(args: argparse.Namespace) -> int:
                 for name, units in sorted(groups.items()):
                     print(f"  {name}: {', '.join(map(str, units))}")
                 return 0
-            events = store.history(model, layer, unit=args.unit_filter, concept=args.concept, limit=args.limit)
-            if args.json:
-                print(json.dumps([e.to_dict() for e in events], indent=2))
-                return 0
-            if not events:
-                print("no label changes yet")
-                return 0
-            _table([[str(e.event_id), e.at, e.action, str(e.unit), e.name_before or "-", e.name_after or "-",
-                     e.actor, e.source, str(e.query_id or "")] for e in events],
-                   ["#", "at", "action", "unit", "before", "after", "by", "source", "query"])
-            return 0
+            return _listing(args, store.history(model, layer, unit=args.unit_filter, concept=args.concept,
+                                                limit=args.limit),
+                            "no label changes yet",
+                            ["#", "at", "action", "unit", "before", "after", "by", "source", "query"],
+                            lambda e: [str(e.event_id), e.at, e.action, str(e.unit), e.name_before or "-",
+                                       e.name_after or "-", e.actor, e.source, str(e.query_id or "")])
     finally:
         store.close()
     return 2

@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import argparse
 
+from workspace.commands import add_model_options, given, load_model
+
 ORDER = 45
 
 
 def _run(args: argparse.Namespace) -> int:
-    from models.checkpoint import load_checkpoint, resolve_model_path
     from workspace.config import Workspace
     from workspace.dissect_run import run_dissection
 
     ws = Workspace.open(args.workspace)
-    loaded = load_checkpoint(resolve_model_path(ws, args.model), args.device, arch=args.arch,
-                             layer=args.layer, trust=args.trust)
+    loaded = load_model(ws, args)
     run = run_dissection(ws, loaded, patch_set=args.patch_set, split=None if args.split == "all" else args.split,
-                         layer=args.layer, quantile=args.quantile, top_k=args.top_k,
-                         memory_budget_mb=args.memory_budget_mb, batch_size=args.batch_size)
+                         layer=args.layer, **given(args, "quantile", "top_k", "memory_budget_mb", "batch_size"))
     m = run.manifest
     th = m["thresholds"]
     method = th["method"]
@@ -44,24 +43,18 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers, parents) -> None:
-    from workspace.dissect_run import DEFAULT_BATCH_SIZE, DEFAULT_MEMORY_BUDGET_MB
-    from workspace.dissection import DEFAULT_QUANTILE, DEFAULT_TOP_K
-
+    # --quantile ... --batch-size default to the library's values (workspace.dissection, dissect_run),
+    # which import torch: the help states them, and tests/test_cli.py checks it against the library.
     p = subparsers.add_parser("dissect", parents=parents, help="dissect a layer over a patch set",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="checkpoint file, or a model name in the workspace (default: shipped demo)")
+    add_model_options(p, layer_help="layer to dissect (default: the model's dissected layer)")
     p.add_argument("--patch-set", default="default", help="patch set name (default: default)")
     p.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
                    help="patches of this split (default: test, as in the paper)")
-    p.add_argument("--layer", help="layer to dissect (default: the model's dissected layer)")
-    p.add_argument("--quantile", type=float, default=DEFAULT_QUANTILE,
-                   help=f"threshold quantile per unit (default {DEFAULT_QUANTILE})")
-    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help=f"top patches per unit (default {DEFAULT_TOP_K})")
-    p.add_argument("--memory-budget-mb", type=float, default=DEFAULT_MEMORY_BUDGET_MB,
+    p.add_argument("--quantile", type=float, help="threshold quantile per unit (default 0.99)")
+    p.add_argument("--top-k", type=int, help="top patches per unit (default 16)")
+    p.add_argument("--memory-budget-mb", type=float,
                    help="exact thresholds while their buffer fits this budget, else a sketch with a stated "
-                        f"rank error (default {DEFAULT_MEMORY_BUDGET_MB})")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--arch", help="for a plain state_dict: vgg16_slim, vgg16_1ch or torchvision:NAME")
-    p.add_argument("--trust", action="store_true", help="allow a pickled whole model (runs code from the file)")
+                        "rank error (default 1024)")
+    p.add_argument("--batch-size", type=int, help="patches per forward pass (default 8)")
     p.set_defaults(func=_run)

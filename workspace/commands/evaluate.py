@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import argparse
 
+from workspace.commands import add_model_options, load_model
+
 ORDER = 41
 
 
 def _run(args: argparse.Namespace) -> int:
-    from models.checkpoint import load_checkpoint, resolve_model_path
     from models.data import PatchData
     from models.evaluate import evaluate_model, plot_roc, summary_lines, write_report
     from workspace.config import Workspace
 
     ws = Workspace.open(args.workspace)
-    loaded = load_checkpoint(resolve_model_path(ws, args.model), args.device, arch=args.arch, layer=args.layer,
-                             trust=args.trust)
+    loaded = load_model(ws, args)
     if args.recorded_test:
         return _recorded(ws, loaded, args)
     data = PatchData.from_patch_set(ws, args.patch_set)
@@ -57,7 +57,7 @@ def _recorded(ws, loaded, args: argparse.Namespace) -> int:
 def add_parser(subparsers, parents) -> None:
     p = subparsers.add_parser("evaluate", parents=parents, help="test metrics and ROC curve of a model",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="checkpoint file, or a model name in the workspace (default: shipped demo)")
+    add_model_options(p)
     p.add_argument("--patch-set", default="default")
     p.add_argument("--recorded-test", action="store_true",
                    help="redraw the checkpoint's recorded synthetic test patches and check its test AUC")
@@ -65,8 +65,4 @@ def add_parser(subparsers, parents) -> None:
                    help="choose anew on validation: youden, sensitivity:S or fixed:T")
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device")
-    p.add_argument("--arch", help="for a plain state_dict: vgg16_slim, vgg16_1ch or torchvision:NAME")
-    p.add_argument("--layer", help="layer to dissect (foreign checkpoints)")
-    p.add_argument("--trust", action="store_true", help="allow a pickled whole model (runs code from the file)")
     p.set_defaults(func=_run)

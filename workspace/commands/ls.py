@@ -14,22 +14,15 @@ from __future__ import annotations
 
 import argparse
 
+from workspace.commands.up import add_backend_options, add_service_options, backend_auth, bring_everything_up
+
 ORDER = 80
 
 
-def _auth(args) -> tuple[str, str] | None:
-    return (args.backend_user, args.backend_password) if args.backend_user and args.backend_password else None
-
-
 def _up(args: argparse.Namespace) -> int:
-    from ml_backend.stack import bring_up, describe
     from workspace.config import Workspace
 
-    ws = Workspace.open(args.workspace)
-    stack = bring_up(ws, ls_url=args.labelstudio_url, ls_token=args.labelstudio_token, ls_port=args.port,
-                     backend_host=args.backend_host, backend_port=args.backend_port, backend_auth=_auth(args),
-                     backend_url=args.backend_url)
-    return stack.serve(describe(stack))
+    return bring_everything_up(Workspace.open(args.workspace), args)   # `mammo up` without FiftyOne
 
 
 def _running_server(ws):
@@ -68,7 +61,7 @@ def _provision(args: argparse.Namespace) -> int:
             raise MammoError("no ML backend is running for this workspace (start it with `mammo up`), "
                              "or give --backend-url")
         backend_url = backend.url
-    result = provision(ws, server, backend_url=backend_url, backend_auth=_auth(args),
+    result = provision(ws, server, backend_url=backend_url, backend_auth=backend_auth(args),
                        kinds=tuple(args.kind) if args.kind else KINDS)
     for project in result.projects.values():
         print(f"{project.title}: {server.url}/projects/{project.project_id}  {project.tasks_total} tasks "
@@ -109,27 +102,16 @@ def _connect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _backend_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend-user", help="basic-auth user of the backend (required when it binds beyond 127.0.0.1)")
-    p.add_argument("--backend-password", help="basic-auth password of the backend")
-    p.add_argument("--backend-url", help="the backend's URL as Label Studio reaches it (default: where it runs)")
-
-
 def add_parser(subparsers, parents) -> None:
     p = subparsers.add_parser("ls", parents=parents, help="Label Studio: start, provision, status",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="ls_command", metavar="ACTION", required=True)
     up = sub.add_parser("up", parents=parents, help="start Label Studio and the backend, provision, wait for Ctrl-C")
-    up.add_argument("--port", type=int, help="Label Studio port (default 8080 when free)")
-    up.add_argument("--backend-host", default="127.0.0.1")
-    up.add_argument("--backend-port", type=int, help="backend port (default 9090 when free)")
-    up.add_argument("--labelstudio-url", help="use this existing Label Studio instead of starting one")
-    up.add_argument("--labelstudio-token", help="its API token")
-    _backend_options(up)
-    up.set_defaults(func=_up)
+    add_service_options(up, fiftyone=False)
+    up.set_defaults(func=_up, no_fiftyone=True)
     prov = sub.add_parser("provision", parents=parents, help="make or update the projects (idempotent)")
     prov.add_argument("--kind", action="append", choices=["screening", "patch_review"])
-    _backend_options(prov)
+    add_backend_options(prov)
     prov.set_defaults(func=_provision)
     status = sub.add_parser("status", parents=parents, help="services, projects and annotations received")
     status.set_defaults(func=_status)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from workspace.commands import add_model_options, given, load_model
+
 ORDER = 46
 
 
@@ -43,7 +45,6 @@ def _load_mask(path: str, shape: tuple[int, int]):
 def _run(args: argparse.Namespace) -> int:
     import json
 
-    from models.checkpoint import load_checkpoint, resolve_model_path
     from workspace.catalog import get_image, open_catalog
     from workspace.config import Workspace
     from workspace.dissect_run import latest_run, load_run
@@ -56,12 +57,12 @@ def _run(args: argparse.Namespace) -> int:
     if (args.roi is None) == (args.roi_mask is None):
         raise QueryError("give exactly one of --roi x,y,w,h or --roi-mask PNG")
     roi = roi_from_box(_parse_box(args.roi), shape) if args.roi else _load_mask(args.roi_mask, shape)
-    loaded = load_checkpoint(resolve_model_path(ws, args.model), args.device)
+    loaded = load_model(ws, args)
     run = load_run(ws, args.run) if args.run else latest_run(ws, loaded.digest, loaded.dissected_layer)
     if run is None:
         raise QueryError(f"no dissection run of model {loaded.digest} layer {loaded.dissected_layer}: "
                          "run `mammo dissect` first")
-    result = query_image(ws, args.image_id, roi, loaded, run, iou_threshold=args.iou_threshold)
+    result = query_image(ws, args.image_id, roi, loaded, run, **given(args, "iou_threshold"))
     labels = {}
     try:
         from workspace.concepts import ConceptStore
@@ -86,18 +87,15 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers, parents) -> None:
-    from workspace.dissection import DEFAULT_IOU_THRESHOLD
-
     p = subparsers.add_parser("query", parents=parents, help="rank units by IoU with an ROI on a mammogram",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("image_id", metavar="IMAGE_ID")
     p.add_argument("--roi", metavar="X,Y,W,H", help="a box in full-image pixels (normalised orientation)")
     p.add_argument("--roi-mask", metavar="PNG", help="a mask image of the image's size (white = ROI)")
-    p.add_argument("--model", help="checkpoint file, or a model name in the workspace (default: shipped demo)")
     p.add_argument("--run", metavar="RUN_ID", help="dissection run (default: the model's latest)")
-    p.add_argument("--iou-threshold", type=float, default=DEFAULT_IOU_THRESHOLD,
-                   help=f"units at or above this IoU are aligned (default {DEFAULT_IOU_THRESHOLD})")
+    p.add_argument("--iou-threshold", type=float,   # the library's default (tests/test_cli.py checks the help)
+                   help="units at or above this IoU are aligned (default 0.2)")
     p.add_argument("--top", type=int, default=20, help="how many ranked units to print (default 20)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    add_model_options(p)
     p.set_defaults(func=_run)

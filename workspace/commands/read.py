@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 
+from workspace.commands import add_model_options, load_model
+
 ORDER = 42
 
 
 def _run(args: argparse.Namespace) -> int:
-    from models.checkpoint import load_checkpoint, resolve_model_path
     from models.inference import read_many
     from workspace.catalog import open_catalog
     from workspace.config import Workspace
@@ -21,8 +22,7 @@ def _run(args: argparse.Namespace) -> int:
     ws = Workspace.open(args.workspace)
     if not args.image_ids and not args.all:
         raise MammoError("name one or more image ids, or --all")
-    loaded = load_checkpoint(resolve_model_path(ws, args.model), args.device, arch=args.arch, layer=args.layer,
-                             trust=args.trust)
+    loaded = load_model(ws, args)
     ids = list(args.image_ids)
     if args.all:
         sql = "SELECT image_id FROM images" + (" WHERE dataset = ?" if args.dataset else "") + " ORDER BY image_id"
@@ -47,11 +47,7 @@ def add_parser(subparsers, parents) -> None:
     p.add_argument("image_ids", nargs="*", metavar="IMAGE_ID")
     p.add_argument("--all", action="store_true", help="every image in the catalog")
     p.add_argument("--dataset", help="with --all: only this dataset")
-    p.add_argument("--model", help="checkpoint file, or a model name in the workspace (default: shipped demo)")
+    add_model_options(p)
     p.add_argument("--stride", type=int, help="patch stride in pixels (default: the patch size, no overlap)")
     p.add_argument("--no-maps", action="store_true", help="do not keep the dissected layer's maps")
-    p.add_argument("--device")
-    p.add_argument("--arch", help="for a plain state_dict: vgg16_slim, vgg16_1ch or torchvision:NAME")
-    p.add_argument("--layer", help="layer to dissect (foreign checkpoints)")
-    p.add_argument("--trust", action="store_true", help="allow a pickled whole model (runs code from the file)")
     p.set_defaults(func=_run)

@@ -36,10 +36,7 @@ def bring_everything_up(ws, args: argparse.Namespace) -> int:
     """Start the stack for ``ws`` with the service options of :func:`add_service_options`; block until Ctrl-C."""
     from ml_backend.stack import bring_up, describe
 
-    auth = (args.backend_user, args.backend_password) if args.backend_user and args.backend_password else None
-    stack = bring_up(ws, ls_url=args.labelstudio_url, ls_token=args.labelstudio_token, ls_port=args.port,
-                     backend_host=args.backend_host, backend_port=args.backend_port, backend_auth=auth,
-                     backend_url=args.backend_url)
+    stack = bring_up(ws, **stack_options(args))
     try:
         lines = [describe(stack)]
         start_fiftyone = None if args.no_fiftyone else start_fiftyone_hook(ws)
@@ -62,15 +59,41 @@ def add_parser(subparsers, parents) -> None:
     p.set_defaults(func=_run)
 
 
-def add_service_options(p: argparse.ArgumentParser) -> None:
-    """The options of ``mammo up`` (shared with ``mammo demo``)."""
+def add_backend_options(p: argparse.ArgumentParser) -> None:
+    """How Label Studio reaches the backend: its basic-auth login and URL (see :func:`backend_auth`)."""
+    p.add_argument("--backend-user", help="basic-auth user of the backend (required when it binds beyond 127.0.0.1)")
+    p.add_argument("--backend-password", help="basic-auth password of the backend")
+    p.add_argument("--backend-url", help="the backend's URL as Label Studio reaches it (default: where it runs)")
+
+
+def add_service_options(p: argparse.ArgumentParser, *, fiftyone: bool = True) -> None:
+    """The options of ``mammo up`` (shared with ``mammo demo``, and without ``--no-fiftyone`` with ``mammo ls up``);
+    :func:`stack_options` turns them into ``bring_up`` keywords."""
     p.add_argument("--port", type=int, help="Label Studio port (default 8080 when free)")
     p.add_argument("--backend-host", default="127.0.0.1",
                    help="address the backend binds (beyond 127.0.0.1 it needs --backend-user/--backend-password)")
     p.add_argument("--backend-port", type=int, help="backend port (default 9090 when free)")
-    p.add_argument("--backend-user")
-    p.add_argument("--backend-password")
-    p.add_argument("--backend-url", help="the backend's URL as Label Studio reaches it (default: where it runs)")
+    add_backend_options(p)
     p.add_argument("--labelstudio-url", help="use this existing Label Studio instead of starting one")
     p.add_argument("--labelstudio-token", help="its API token")
-    p.add_argument("--no-fiftyone", action="store_true", help="do not start the FiftyOne App")
+    if fiftyone:
+        p.add_argument("--no-fiftyone", action="store_true", help="do not start the FiftyOne App")
+
+
+def backend_auth(args: argparse.Namespace | None) -> tuple[str, str] | None:
+    """(user, password) when both were given, else None."""
+    user, password = getattr(args, "backend_user", None), getattr(args, "backend_password", None)
+    return (user, password) if user and password else None
+
+
+def stack_options(args: argparse.Namespace | None) -> dict:
+    """``ml_backend.stack.bring_up`` keywords from the options of :func:`add_service_options` (an absent
+    option, or ``args=None``, keeps ``bring_up``'s default)."""
+    if args is None:
+        return {}
+    options = {"ls_url": getattr(args, "labelstudio_url", None), "ls_token": getattr(args, "labelstudio_token", None),
+               "ls_port": getattr(args, "port", None), "backend_port": getattr(args, "backend_port", None),
+               "backend_url": getattr(args, "backend_url", None), "backend_auth": backend_auth(args)}
+    if getattr(args, "backend_host", None):
+        options["backend_host"] = args.backend_host
+    return options
