@@ -34,6 +34,20 @@ def test_each_layout_is_detected_and_nothing_else(folders, tmp_path):
     assert detect_format(tmp_path / "does-not-exist") is None
 
 
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_reimport_is_idempotent(ws, folders, name):
+    root, _truth = folders[name]
+    first = FORMATS[name].run(ws, root)
+    db = open_catalog(ws)
+    before = counts(db)
+    assert (first.images_new, first.lesions_new) == before[:2] and min(before) > 0
+    again = FORMATS[name].run(ws, root)
+    assert counts(db) == before
+    assert (again.images_new, again.lesions_new) == (0, 0)
+    assert (again.images_existing, again.lesions_existing) == before[:2]
+    assert "0 new" in again.to_text()
+
+
 def test_ambiguous_folder_is_refused(folders, tmp_path):
     mixed = tmp_path / "mixed"
     shutil.copytree(folders["inbreast"][0], mixed)

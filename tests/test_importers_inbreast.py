@@ -42,15 +42,6 @@ def test_round_trip(ws, inbreast_folder):
     assert points >= 2  # one- and two-point ROIs were stored as single calcifications
 
 
-def test_reimport_is_idempotent(ws, inbreast_folder):
-    root, _truth = inbreast_folder
-    inbreast.import_dataset(ws, root)
-    db = open_catalog(ws)
-    before = counts(db)
-    again = inbreast.import_dataset(ws, root)
-    assert counts(db) == before and (again.images_new, again.lesions_new) == (0, 0)
-
-
 def test_missing_csv_and_comma_separated_csv(ws, inbreast_folder):
     root, _truth = inbreast_folder
     text = (root / "INbreast.csv").read_text()

@@ -80,15 +80,6 @@ def test_circle_centre_comes_from_the_bottom_left_origin(ws, tmp_path):
     assert (report.lesions_new, report.lesions_existing) == (1, 1)
 
 
-def test_reimport_is_idempotent(ws, mias_folder):
-    root, _truth = mias_folder
-    mias.import_dataset(ws, root)
-    db = open_catalog(ws)
-    before = counts(db)
-    again = mias.import_dataset(ws, root)
-    assert counts(db) == before and (again.images_new, again.lesions_new) == (0, 0)
-
-
 def test_changed_film_is_added_and_the_stored_one_kept(ws, mias_folder):
     """Re-importing after a PGM changed (a corrected copy) must not overwrite the DICOM an image already
     in the catalog is read from: the old image still reads its own pixels, the new one is added."""

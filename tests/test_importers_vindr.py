@@ -10,7 +10,6 @@ from tests.fixtures.importers import (
     catalog_image,
     catalog_lesions,
     catalog_patient,
-    counts,
 )
 from workspace.catalog import open_catalog
 from workspace.importers import vindr
@@ -53,16 +52,6 @@ def test_out_of_bounds_boxes_are_clipped_or_dropped_and_reported(ws, vindr_folde
     (clipped,) = [le for le in catalog_lesions(db, row["image_id"]) if le["kind"] == "asymmetry"]
     x, y, w, h = clipped["geometry"]
     assert x + w == row["cols"] and clipped["attributes"]["clipped_from"][2] == 70
-
-
-def test_reimport_is_idempotent(ws, vindr_folder):
-    root, _truth = vindr_folder
-    vindr.import_dataset(ws, root)
-    db = open_catalog(ws)
-    before = counts(db)
-    again = vindr.import_dataset(ws, root)
-    assert counts(db) == before and (again.images_new, again.lesions_new) == (0, 0)
-    assert again.lesions_existing == before[1]
 
 
 def test_missing_or_wrong_csvs(ws, vindr_folder):

@@ -252,3 +252,29 @@ def test_cli_patches_and_errors(small_cohort, capsys, ws):
     assert "error: no lesion patches" in capsys.readouterr().err
     with pytest.raises(P.PatchError, match="no patch set 'nope'"):
         P.open_patch_set(small_cohort.ws, "nope")
+
+
+def test_an_unreadable_image_is_left_out_and_the_rows_move_up(small_cohort, tmp_path):
+    import shutil
+
+    ws = type(small_cohort.ws).open(tmp_path / "copy")
+    shutil.copytree(small_cohort.ws.root, ws.root, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("patches", "fiftyone", "labelstudio", "runs", "cache"))
+    db = open_catalog(ws)
+    first = P.open_patch_set(small_cohort.ws, small_cohort.patch_set).rows
+    image_ids = list(dict.fromkeys(r["image_id"] for r in first))
+    gone = image_ids[len(image_ids) // 2]  # an image in the middle of the array
+    resolve_path(ws, db.execute("SELECT source_path FROM images WHERE image_id = ?", [gone]).fetchone()[0]).unlink()
+    summary = P.build_patch_set(ws, "partial", size=small_cohort.patch_size, step=small_cohort.patch_step)
+    assert any(p.startswith(f"{gone}:") for p in summary["problems"])
+    ps = P.open_patch_set(ws, "partial")
+    kept = [(r["image_id"], r["x"], r["y"]) for r in first if r["image_id"] != gone]
+    assert [(r["image_id"], r["x"], r["y"]) for r in ps.rows] == kept
+    assert [r["array_index"] for r in ps.rows] == list(range(len(kept))) and ps.pixels.shape[0] == len(kept)
+    old = P.open_patch_set(small_cohort.ws, small_cohort.patch_set)
+    old_index = {(r["image_id"], r["x"], r["y"]): r["array_index"] for r in old.rows}
+    for r in ps.rows:
+        assert np.array_equal(ps.pixels[r["array_index"]], old.pixels[old_index[(r["image_id"], r["x"], r["y"])]])
+    assert sorted(p.name for p in (ws.patches_dir / "partial" / "thumbs").iterdir()) == \
+        sorted(f"{r['patch_id']}.png" for r in ps.rows)
+    assert summary["digest"] != small_cohort.patch_summary["digest"]

@@ -232,3 +232,14 @@ def test_cli_synth_small_and_bad_input(tmp_path, capsys):
     assert "(4 already there)" in capsys.readouterr().out
     assert main(["synth", "--patients", "0", "-w", str(root)]) == 1
     assert "error: --patients must be at least 1" in capsys.readouterr().err
+
+
+def test_cohort_picture_shows_each_view_with_its_findings(tmp_path):
+    path = synth.cohort_picture(tmp_path / "cohort.png", [3], image_shape=(416, 320), reduce=4)
+    sheet = np.asarray(Image.open(path))
+    assert sheet.shape == (104, 4 * 80 + 12, 3)  # one row, four 104 x 80 views with 4-pixel gaps
+    tiles = [sheet[:, i * 84:i * 84 + 80] for i in range(4)]   # RCC LCC RMLO LMLO: RCC is BI-RADS 0
+    red = [int(((t == (255, 40, 40)).all(axis=2)).sum()) for t in tiles]
+    yellow = [int(((t == (255, 220, 0)).all(axis=2)).sum()) for t in tiles]
+    assert red[0] > 0 and yellow[0] > 0       # the malignant outline and the annotated-copy ellipse
+    assert red[1] == 0 and yellow[1] == 0     # LCC of patient 3 holds no malignant finding

@@ -23,6 +23,9 @@ tissue). When header and pixels disagree, the pixels win and a warning is record
 Geometry coordinates are continuous: pixel column ``i`` spans ``[i, i + 1)``, so a mirror maps ``x`` to
 ``cols - x`` and a box ``[x, y, w, h]`` to ``[cols - x - w, y, w, h]``; :func:`to_normalised` and
 :func:`from_normalised` map points, boxes, polygons, ellipses, circles and mask arrays both ways.
+
+Writing: :func:`grayscale_dataset` and :func:`save_dicom` are the one way the code makes a DICOM file
+(the synthetic generator, the mini-MIAS converter and the test fixtures).
 """
 
 from __future__ import annotations
@@ -471,6 +474,54 @@ class DicomImage:
                     f"but the pixels show it on the {side}; trusted the pixels")
 
 
+# -- writing -------------------------------------------------------------------------------------
+
+def grayscale_dataset(pixels: np.ndarray | None, *, sop_class_uid: str, sop_instance_uid: str,
+                      photometric: str = "MONOCHROME2", bits_stored: int | None = None) -> Any:
+    """A new pydicom ``Dataset`` for one grayscale frame, to which the caller adds its own elements.
+
+    File meta (Explicit VR Little Endian), SOP class and instance and, when ``pixels`` (uint8 or uint16,
+    (rows, cols), stored values) are given, the Image Pixel module: unsigned, Bits Allocated 8 or 16
+    from the dtype, Bits Stored ``bits_stored`` (default: all allocated bits).
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = sop_instance_uid
+    if pixels is None:
+        return ds
+    if pixels.dtype not in (np.uint8, np.uint16) or pixels.ndim != 2:
+        raise ValueError(f"grayscale pixels must be uint8 or uint16 (rows, cols), got {pixels.dtype} "
+                         f"{pixels.shape}")
+    bits = pixels.dtype.itemsize * 8
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = bits
+    ds.BitsStored = bits_stored or bits
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 0
+    ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
+    return ds
+
+
+def save_dicom(ds: Any, path: str | os.PathLike) -> Path:
+    """Write ``ds`` (with its file meta) to ``path`` atomically, creating its folder: a reader never
+    sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    ds.save_as(tmp, enforce_file_format=True)
+    os.replace(tmp, path)
+    return path
+
+
 # -- reading -------------------------------------------------------------------------------------
 
 def _view(ds) -> str | None:
@@ -639,4 +690,4 @@ def read_dicom(path: str | os.PathLike, *, min_size: int = 0,
 
 __all__ = ["PATCH_SIZE", "FOREGROUND_DOWNSAMPLE", "DicomImage", "read_dicom", "window_unit",
            "foreground_mask", "upsample_mask", "downsample_mean", "chest_wall_side", "flip_array",
-           "to_normalised", "from_normalised"]
+           "to_normalised", "from_normalised", "grayscale_dataset", "save_dicom"]

@@ -357,14 +357,14 @@ def _files_under(root: Path) -> list[Path]:
     return files
 
 
-def import_folder(ws: Workspace, path: str | os.PathLike, *, dataset: str = "local", non_mg: str = "warn",
-                  min_size: int = PATCH_SIZE, db: sqlite_utils.Database | None = None) -> ImportSummary:
+def import_folder(ws: Workspace, path: str | os.PathLike, *, dataset: str = "local",
+                  non_mg: str = "warn") -> ImportSummary:
     """Import every DICOM mammogram under ``path`` (any nesting); re-running is idempotent.
 
     Each file that cannot be used is skipped with its reason (not DICOM or truncated, no pixel data,
-    no decoder for its transfer syntax, not grayscale, multi-frame, smaller than ``min_size`` in a
-    direction, a non-MG modality when ``non_mg="refuse"``); with ``non_mg="warn"`` non-MG images are
-    imported and warned about. Shows a progress bar; returns an :class:`ImportSummary`.
+    no decoder for its transfer syntax, not grayscale, multi-frame, smaller than one patch
+    (:data:`~workspace.dicom_io.PATCH_SIZE`) in a direction, a non-MG modality when
+    ``non_mg="refuse"``); with ``non_mg="warn"`` non-MG images are imported and warned about. Shows a progress bar; returns an :class:`ImportSummary`.
     """
     from workspace.catalog import open_catalog
 
@@ -376,7 +376,7 @@ def import_folder(ws: Workspace, path: str | os.PathLike, *, dataset: str = "loc
     files = _files_under(root)
     if not files:
         raise MammoError(f"{root}: no files to import")
-    db = db or open_catalog(ws)
+    db = open_catalog(ws)
     summary = ImportSummary(root=str(root))
     started = time.perf_counter()
     bar = progress(files, total=len(files), desc="import", unit="file")
@@ -388,7 +388,7 @@ def import_folder(ws: Workspace, path: str | os.PathLike, *, dataset: str = "loc
             if existing:
                 summary.already_present.append(existing)
                 continue
-            image = read_dicom(file, min_size=min_size)
+            image = read_dicom(file, min_size=PATCH_SIZE)
             not_mg = f"modality is {image.modality or 'missing'}, not MG" if image.modality != "MG" else None
             if not_mg and non_mg == "refuse":
                 raise DicomReadError(f"{not_mg} (refused: --non-mg refuse)")

@@ -54,7 +54,6 @@ import math
 import os
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -308,21 +307,11 @@ def normal_patch_positions(foreground: np.ndarray, size: int, step: int, avoid: 
 
 # -- building a set ------------------------------------------------------------------------------
 
-def _lesions(db, image_id: str) -> list[dict]:
-    from workspace.catalog import lesions_of
-
-    return lesions_of(db, image_id)
-
-
 def _lesions_for_patches(lesions: list[dict]) -> list[dict]:
     annotated = [le for le in lesions if le["source"] == "annotated_copy"]
     if annotated:
         return annotated
     return [le for le in lesions if le["pathology"] not in BENIGN]
-
-
-def _window_u8(display: np.ndarray) -> np.ndarray:
-    return display if display.dtype == np.uint8 else np.clip(display, 0, 255).astype(np.uint8)
 
 
 def build_patch_set(ws: Workspace, name: str = "default", *, size: int = 512, step: int = 256,
@@ -336,8 +325,8 @@ def build_patch_set(ws: Workspace, name: str = "default", *, size: int = 512, st
     """
     from PIL import Image
 
-    from workspace.catalog import open_catalog
-    from workspace.ingest import load_foreground, load_model_pixels, resolve_path
+    from workspace.catalog import lesions_of, open_catalog
+    from workspace.ingest import load_foreground, load_model_pixels, resolve_path, stored_path
 
     if not name or any(c in name for c in "/\\") or name.startswith("."):
         raise PatchError(f"bad patch set name {name!r}")
@@ -361,7 +350,7 @@ def build_patch_set(ws: Workspace, name: str = "default", *, size: int = 512, st
         if row["rows"] < size or row["cols"] < size:
             problems.append(f"{row['image_id']}: {row['rows']} x {row['cols']} is smaller than one patch")
             continue
-        for lesion in _lesions_for_patches(_lesions(db, row["image_id"])):
+        for lesion in _lesions_for_patches(lesions_of(db, row["image_id"])):
             try:
                 region = lesion_region(ws, row, lesion)
             except (MammoError, OSError) as error:
@@ -383,7 +372,7 @@ def build_patch_set(ws: Workspace, name: str = "default", *, size: int = 512, st
     for row in progress(negatives, desc="normal patches", unit="image"):
         try:
             foreground = load_foreground(ws, row)
-            avoid = [lesion_region(ws, row, le) for le in _lesions(db, row["image_id"])
+            avoid = [lesion_region(ws, row, le) for le in lesions_of(db, row["image_id"])
                      if le["pathology"] not in BENIGN]
         except (MammoError, OSError) as error:
             problems.append(f"{row['image_id']}: {error}")
@@ -402,12 +391,11 @@ def build_patch_set(ws: Workspace, name: str = "default", *, size: int = 512, st
                         f"(too few positions passing the normal rule {normal_rule})")
 
     patches = sorted(lesion_patches + pool, key=lambda p: (order[p["image_id"]], p["label"], p["y"], p["x"]))
-    for i, p in enumerate(patches):
-        p["array_index"] = i
+    for p in patches:
         p["split"] = images[p["image_id"]]["split"]
-        p["size"] = size
 
-    # pixels and thumbnails
+    # pixels, thumbnails and digest in one pass over the images, in array order; the rows of an image
+    # that cannot be read are left out and the rows after it move up, so array_index stays the row number
     folder = ws.patches_dir / name
     tmp = ws.patches_dir / f".{name}.building"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -419,7 +407,7 @@ def build_patch_set(ws: Workspace, name: str = "default", *, size: int = 512, st
     # not the name: same patches, same digest (the original rule "all" keeps the digests of older sets)
     normal_key = "" if normal_rule.mode == "all" else f"|normal={normal_rule}"
     digest = hashlib.sha1(f"{size}|{step}|{rule}|{seed}{normal_key}".encode())
-    failed: set[str] = set()
+    written: list[dict] = []
     for image_id, group in progress(list(by_image.items()), desc="patch pixels", unit="image"):
         row = images[image_id]
         try:
@@ -427,54 +415,48 @@ def build_patch_set(ws: Workspace, name: str = "default", *, size: int = 512, st
             display = np.asarray(Image.open(resolve_path(ws, row["display_path"])))
         except (MammoError, OSError) as error:
             problems.append(f"{image_id}: {error}")
-            failed.add(image_id)
             continue
         for p in group:
             x, y = p["x"], p["y"]
-            arr[p["array_index"]] = np.rint(np.clip(model[y:y + size, x:x + size], 0, 1) * 65535).astype(np.uint16)
-            p["thumb"] = _window_u8(display[y:y + size, x:x + size])
+            tile = np.rint(np.clip(model[y:y + size, x:x + size], 0, 1) * 65535).astype(np.uint16)
+            p["array_index"] = len(written)
+            arr[p["array_index"]] = tile
+            digest.update(f"{image_id},{x},{y},{p['label']},{p['split']},{p['lesion_id']};".encode())
+            digest.update(tile.tobytes())
+            # written now (named by patch_id once it is known): no image stays in memory for its thumbs
+            Image.fromarray(display[y:y + size, x:x + size]).save(tmp / "thumbs" / f".{p['array_index']}.png",
+                                                                  compress_level=1)
+            written.append(p)
     arr.flush()
-    if failed:
-        patches = [p for p in patches if p["image_id"] not in failed]
-        # compact the array so that array_index stays the row number
-        keep = [p["array_index"] for p in patches]
-        compact = np.memmap(tmp / "pixels.tmp", dtype=np.uint16, mode="w+", shape=(max(len(keep), 1), size, size))
-        for new, old in enumerate(keep):
-            compact[new] = arr[old]
-            patches[new]["array_index"] = new
-        compact.flush()
-        del arr, compact
-        os.replace(tmp / "pixels.tmp", tmp / "pixels.u16")
-        arr = np.memmap(tmp / "pixels.u16", dtype=np.uint16, mode="r", shape=(max(len(patches), 1), size, size))
-    for p in patches:
-        digest.update(f"{p['image_id']},{p['x']},{p['y']},{p['label']},{p['split']},{p['lesion_id']};".encode())
-        digest.update(np.ascontiguousarray(arr[p["array_index"]]).tobytes())
     del arr
+    if len(written) < len(patches):
+        os.truncate(tmp / "pixels.u16", max(len(written), 1) * size * size * 2)
+    patches = written
 
     # catalog rows (patch ids known only after insert: thumbs are named by patch_id)
     now = utc_now()
     params = {"size": size, "step": step, "inside": str(rule), "normal": str(normal_rule), "seed": seed,
               "dataset": dataset,
               "normal_per_image": per_image, "lesion_sources": "annotated_copy when present, else non-benign"}
+    thumbs = stored_path(ws, folder / "thumbs")
     db.execute("BEGIN IMMEDIATE")
     try:
         db.execute("DELETE FROM patches WHERE patch_set = ?", [name])
         for p in patches:
             cur = db.execute(
                 "INSERT INTO patches (patch_set, image_id, x, y, size, label, split, lesion_id, array_index,"
-                " thumb_path, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [name, p["image_id"], p["x"], p["y"], size, p["label"], p["split"], p["lesion_id"],
-                 p["array_index"], None, now])
+                 p["array_index"], now])
             p["patch_id"] = cur.lastrowid
-            thumb = f"patches/{name}/thumbs/{p['patch_id']}.png"
-            db.execute("UPDATE patches SET thumb_path = ? WHERE patch_id = ?", [thumb, p["patch_id"]])
+            os.replace(tmp / "thumbs" / f".{p['array_index']}.png", tmp / "thumbs" / f"{p['patch_id']}.png")
+        db.execute("UPDATE patches SET thumb_path = ? || '/' || patch_id || '.png' WHERE patch_set = ?",
+                   [thumbs, name])
         db.execute("DELETE FROM patch_sets WHERE patch_set = ?", [name])
         db.execute("INSERT INTO patch_sets (patch_set, size, step, n_patches, pixels_path, digest, params,"
                    " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                   [name, size, step, len(patches), f"patches/{name}/pixels.u16", digest.hexdigest()[:16],
+                   [name, size, step, len(patches), stored_path(ws, folder / "pixels.u16"), digest.hexdigest()[:16],
                     json.dumps(params), now])
-        for p in patches:
-            Image.fromarray(p.pop("thumb")).save(tmp / "thumbs" / f"{p['patch_id']}.png", compress_level=1)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
         db.execute("COMMIT")
@@ -534,6 +516,7 @@ class PatchSet:
 def open_patch_set(ws: Workspace, name: str = "default") -> PatchSet:
     """The patch set ``name``; :class:`PatchError` when it has not been built."""
     from workspace.catalog import open_catalog
+    from workspace.ingest import resolve_path
 
     db = open_catalog(ws)
     meta = db.execute("SELECT size, step, n_patches, pixels_path, digest, params FROM patch_sets WHERE patch_set = ?",
@@ -543,8 +526,7 @@ def open_patch_set(ws: Workspace, name: str = "default") -> PatchSet:
         raise PatchError(f"no patch set {name!r} (built: {', '.join(known) or 'none'}; run `mammo patches`)")
     size, step, n, pixels_path, digest, params = meta
     rows = [dict(r) for r in db.query("SELECT * FROM patches WHERE patch_set = ? ORDER BY array_index", [name])]
-    path = Path(pixels_path)
-    path = path if path.is_absolute() else ws.root / path
+    path = resolve_path(ws, pixels_path)
     if not path.exists():
         raise PatchError(f"patch set {name!r}: pixel file {path} is missing (rebuild with `mammo patches`)")
     pixels = np.memmap(path, dtype=np.uint16, mode="r", shape=(max(n, 1), size, size))

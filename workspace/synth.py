@@ -47,6 +47,7 @@ from PIL import Image
 from skimage.draw import line_aa, polygon
 
 from workspace.config import Workspace
+from workspace.dicom_io import flip_array
 from workspace.errors import MammoError
 from workspace.progress import progress
 
@@ -669,14 +670,6 @@ def patient_orientation(laterality: str, view: str, flip_h: bool, flip_v: bool) 
     return [row, col]
 
 
-def _orient(a: np.ndarray, flip_h: bool, flip_v: bool) -> np.ndarray:
-    if flip_h:
-        a = a[:, ::-1]
-    if flip_v:
-        a = a[::-1]
-    return a
-
-
 def ellipse_around(mask: np.ndarray, x0: int, y0: int, *, margin: float, min_axis: float) -> dict[str, float]:
     """The smallest moment-aligned ellipse holding every pixel of ``mask`` (crop at x0, y0), grown by ``margin``."""
     yy, xx = np.nonzero(mask)
@@ -796,10 +789,6 @@ class SynthImage:
     annotated_factor: int
     timings: dict[str, float]
 
-    @property
-    def label(self) -> int:
-        return 1 if self.birads == "0" else 0
-
 
 def make_image(plan: PatientPlan, key: str, image_shape: tuple[int, int] = FULL_SHAPE) -> SynthImage:
     """Draw image ``key`` ("LCC", "RMLO"...) of ``plan`` and put it into its stored form."""
@@ -808,7 +797,7 @@ def make_image(plan: PatientPlan, key: str, image_shape: tuple[int, int] = FULL_
     t0 = time.perf_counter()
     maxval = 2 ** plan.bits_stored - 1
     flip_h, flip_v = stored_flips(plan, key)
-    signal = _orient(drawn.signal, flip_h, flip_v)
+    signal = flip_array(drawn.signal, flip_h, flip_v)
     values = np.rint(signal * maxval).astype(np.uint16)  # MONOCHROME2 values, dense tissue bright
     sample = drawn.signal[::8, ::8]
     tissue = sample[sample > 0.12]
@@ -820,7 +809,7 @@ def make_image(plan: PatientPlan, key: str, image_shape: tuple[int, int] = FULL_
         h, w = f.mask.shape
         x0 = cols - (f.x0 + w) if flip_h else f.x0
         y0 = rows - (f.y0 + h) if flip_v else f.y0
-        findings.append(Finding(f.spec, x0, y0, np.ascontiguousarray(_orient(f.mask, flip_h, flip_v))))
+        findings.append(Finding(f.spec, x0, y0, flip_array(f.mask, flip_h, flip_v)))
     birads = plan.birads[lat]
     ellipses, annotated = [], None
     factor = annotated_factor(rows)
@@ -856,21 +845,15 @@ def _uid(plan: PatientPlan, *parts: str) -> str:
 
 def write_dicom(path: str | Path, plan: PatientPlan, image: SynthImage) -> int:
     """Write ``image`` as an MG DICOM file (deterministic bytes); returns the file size in bytes."""
-    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
-    from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
+    from pydicom.uid import JPEG2000Lossless
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sop_uid = _uid(plan, image.key, "sop")
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = MG_FOR_PRESENTATION
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = MG_FOR_PRESENTATION
-    ds.SOPInstanceUID = sop_uid
+    from workspace.dicom_io import grayscale_dataset, save_dicom
+
+    ds = grayscale_dataset(image.stored, sop_class_uid=MG_FOR_PRESENTATION,
+                           sop_instance_uid=_uid(plan, image.key, "sop"), photometric=image.photometric,
+                           bits_stored=image.bits_stored)
     ds.StudyInstanceUID = _uid(plan, "study")
     ds.SeriesInstanceUID = _uid(plan, image.key[0] + "series")
     ds.Modality = "MG"
@@ -903,24 +886,15 @@ def write_dicom(path: str | Path, plan: PatientPlan, image: SynthImage) -> int:
     ds.BreastImplantPresent = "NO"
     ds.PixelSpacing = [f"{image.spacing_mm:.4g}", f"{image.spacing_mm:.4g}"]
     ds.ImagerPixelSpacing = [f"{image.spacing_mm:.4g}", f"{image.spacing_mm:.4g}"]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = image.photometric
-    ds.Rows, ds.Columns = image.stored.shape
-    ds.BitsAllocated = 16
-    ds.BitsStored = image.bits_stored
-    ds.HighBit = image.bits_stored - 1
-    ds.PixelRepresentation = 0
     ds.RescaleIntercept = "0"
     ds.RescaleSlope = "1"
     ds.RescaleType = "US"
     ds.WindowCenter = f"{image.window[0]:.1f}"
     ds.WindowWidth = f"{image.window[1]:.1f}"
     ds.VOILUTFunction = image.voi_function
-    ds.PixelData = image.stored.tobytes()
     if "jpeg2000" in image.variants:
         ds.compress(JPEG2000Lossless, image.stored, encoding_plugin="pylibjpeg", generate_instance_uid=False)
-    ds.save_as(path, enforce_file_format=True)
-    return path.stat().st_size
+    return save_dicom(ds, path).stat().st_size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -972,15 +946,6 @@ def patient_split(seed: int, index: int) -> str:
 def dicom_path(ws: Workspace, seed: int, index: int, key: str) -> Path:
     """Where patient ``index`` of cohort ``seed`` keeps image ``key`` (no identifiers in the path)."""
     return ws.dicom_dir / DATASET / f"seed{seed}" / f"patient{index:06d}" / f"{key}.dcm"
-
-
-def _save_png(array: np.ndarray, path: Path) -> None:
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG", compress_level=1)
-    os.replace(tmp, path)
 
 
 def _match(ellipses: list[dict], found: list[dict]) -> list[tuple[int, dict]]:
@@ -1047,7 +1012,7 @@ def synthesize(ws: Workspace, n_patients: int, *, seed: int = 0, first_patient: 
             t2 = time.perf_counter()
             image_id = ingest.register_dicom(ws, db, path, dataset=DATASET, patient_source_id=plan.patient_id,
                                              split=patient_split(seed, index), birads=image.birads,
-                                             label=image.label, density=plan.density)
+                                             density=plan.density)  # label: ingest's BI-RADS rule
             t3 = time.perf_counter()
             _record_lesions(ws, db, image_id, image, summary)
             t4 = time.perf_counter()
@@ -1069,7 +1034,7 @@ def _record_lesions(ws: Workspace, db, image_id: str, image: SynthImage, summary
     for n, f in enumerate(image.findings):
         full = f.full_mask((rows, cols))
         mask_file = ws.masks_dir / f"{image_id}-{n}.png"
-        _save_png(full, mask_file)
+        ingest.write_png(full, mask_file)
         ys, xs = np.nonzero(f.mask)
         bbox = [int(f.x0 + xs.min()), int(f.y0 + ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
         ingest.add_lesion(db, image_id, kind=f.spec.kind, geometry_type="mask",
@@ -1081,10 +1046,10 @@ def _record_lesions(ws: Workspace, db, image_id: str, image: SynthImage, summary
     if image.annotated is None:
         return
     copy_file = ws.annotated_dir / f"{image_id}.png"
-    _save_png(image.annotated, copy_file)
+    ingest.write_png(image.annotated, copy_file)
     db.execute("UPDATE images SET annotated_path = ? WHERE image_id = ?", [ingest.stored_path(ws, copy_file), image_id])
     malignant = [n for n, f in enumerate(image.findings) if f.spec.pathology == "malignant"]
-    found = detect_ellipses(np.asarray(Image.open(copy_file)))
+    found = detect_ellipses(image.annotated)  # the copy as written (PNG is lossless)
     summary.ellipses_missed += max(0, len(image.ellipses) - len(found))
     for drawn_index, e in _match(image.ellipses, found):
         finding = image.findings[malignant[drawn_index]]
@@ -1103,7 +1068,9 @@ def _record_lesions(ws: Workspace, db, image_id: str, image: SynthImage, summary
 def cohort_picture(path: str | Path, patients: list[int], *, seed: int = 0,
                    image_shape: tuple[int, int] = FULL_SHAPE, reduce: int = 8) -> Path:
     """A PNG grid: one row per patient, views as hung (RCC LCC RMLO LMLO, as stored), windowed, with
-    the exact finding outlines (red: malignant, green: benign) and the annotated-copy ellipses (yellow)."""
+    the exact finding outlines (red: malignant, green: benign) and the annotated-copy ellipses (yellow).
+
+    ``docs/img/synthetic_cohort.png`` is ``cohort_picture("docs/img/synthetic_cohort.png", [3, 55, 5, 12])``."""
     from PIL import ImageDraw
 
     tiles = []

@@ -33,7 +33,6 @@ from workspace.importers.common import (
     dataset_folder,
     density_letter,
     find_named,
-    label_from_birads,
     normalise_birads,
     point_geometry,
     polygon_geometry,
@@ -236,7 +235,7 @@ def import_dataset(ws: Workspace, root: str | Path, *, db: sqlite_utils.Database
                             "kept the CSV's")
         image_id = register_dicom_counted(
             ws, db, path, report, dataset=name, patient_source_id=info.patient_hash,
-            birads=row.birads, label=label_from_birads(row.birads), density=row.density,
+            birads=row.birads, density=row.density,
             extra={"laterality": row.laterality or info.laterality, "view": row.view or info.view})
         if image_id is None:
             continue

@@ -235,17 +235,12 @@ def pgm_to_dicom(pixels: np.ndarray, out: Path, *, refnum: str, source_sha1: str
     pair is given to ``register_dicom`` and kept in ``patients`` only. UIDs are derived from the PGM's SHA-1, so
     the same PGM always gives the same bytes and a re-import finds the image already there.
     """
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
-    bits = 8 if pixels.dtype == np.uint8 else 16
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["mini-mias", source_sha1, "sop"])
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    from workspace.dicom_io import grayscale_dataset, save_dicom
+
+    ds = grayscale_dataset(pixels, sop_class_uid=SecondaryCaptureImageStorage,
+                           sop_instance_uid=generate_uid(entropy_srcs=["mini-mias", source_sha1, "sop"]))
     ds.StudyInstanceUID = generate_uid(entropy_srcs=["mini-mias", patient_of(refnum), "study"])
     ds.SeriesInstanceUID = generate_uid(entropy_srcs=["mini-mias", source_sha1, "series"])
     ds.Modality = "MG"
@@ -255,19 +250,7 @@ def pgm_to_dicom(pixels: np.ndarray, out: Path, *, refnum: str, source_sha1: str
     ds.ViewPosition = VIEW
     ds.PixelSpacing = [PIXEL_SPACING_MM, PIXEL_SPACING_MM]
     ds.DerivationDescription = f"mini-MIAS {refnum}.pgm converted to DICOM by mammo-dissect"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = bits
-    ds.BitsStored = bits
-    ds.HighBit = bits - 1
-    ds.PixelRepresentation = 0
-    ds.PixelData = pixels.astype("u1" if bits == 8 else "<u2").tobytes()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    ds.save_as(tmp, enforce_file_format=True)
-    tmp.replace(out)
-    return out
+    return save_dicom(ds, out)
 
 
 def import_dataset(ws: Workspace, root: str | Path, *, db: sqlite_utils.Database | None = None, dataset: str | None = None, **_options) -> ImportReport:

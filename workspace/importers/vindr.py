@@ -36,7 +36,6 @@ from workspace.importers.common import (
     dataset_folder,
     density_letter,
     find_named,
-    label_from_birads,
     normalise_birads,
     read_table,
 )
@@ -202,7 +201,7 @@ def import_dataset(ws: Workspace, root: str | Path, *, db: sqlite_utils.Database
         catalog_id = register_dicom_counted(
             ws, db, path, report, dataset=name, patient_source_id=image.study_id,
             split=official_split(name, image.study_id, image.split == "test"),
-            birads=image.birads, label=label_from_birads(image.birads), density=image.density,
+            birads=image.birads, density=image.density,
             extra={k: v for k, v in (("laterality", image.laterality), ("view", image.view)) if v})
         if catalog_id is None:
             continue
