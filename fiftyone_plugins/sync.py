@@ -67,20 +67,18 @@ def model_reader(ws: Workspace, run: Any, loaded: Any = None, batch_size: int = 
     from workspace.patches import open_patch_set
 
     if loaded is None:
-        from models.checkpoint import load_checkpoint
+        from workspace.reports import model_of_run
 
-        db = open_catalog(ws)
-        rows = list(db.query("SELECT path FROM models WHERE model_digest = ?", [run.model_digest]))
-        if not rows:
-            raise SyncError(f"model {run.model_digest} of run {run.run_id} is not in the catalog")
-        path = Path(rows[0]["path"])
-        loaded = load_checkpoint(path if path.is_absolute() else ws.root / path)
+        loaded = model_of_run(ws, run)
 
     def read(patch_ids: Sequence[int]):
         db = open_catalog(ws)
-        index = {r["patch_id"]: r for r in db.query(
-            f"SELECT patch_id, patch_set, array_index FROM patches WHERE patch_id IN "
-            f"({','.join('?' * len(patch_ids))})", [int(p) for p in patch_ids])}
+        try:
+            index = {r["patch_id"]: r for r in db.query(
+                f"SELECT patch_id, patch_set, array_index FROM patches WHERE patch_id IN "
+                f"({','.join('?' * len(patch_ids))})", [int(p) for p in patch_ids])}
+        finally:
+            db.conn.close()
         sets: dict[str, Any] = {}
         model = loaded.model
         device = next(model.parameters()).device
@@ -164,20 +162,19 @@ def _variance_ratio(run: Any) -> list[float]:
 
 
 def pick_run(ws: Workspace, run_id: str | None = None):
-    """The run ``run_id``, else the most recently finished complete run of the workspace."""
+    """The run ``run_id``, else the newest complete run (``workspace.reports.latest_run_id``: the run
+    the Label Studio backend answers with, so one ``mammo up`` shows one run everywhere)."""
     from workspace.catalog import open_catalog
     from workspace.dissect_run import load_run
+    from workspace.reports import latest_run_id
 
-    if run_id:
-        return load_run(ws, run_id)
-    for row in open_catalog(ws).query("SELECT run_id FROM dissection_runs WHERE status = 'complete' "
-                                      "ORDER BY finished_at DESC, run_id"):
-        if (ws.runs_dir / row["run_id"]).is_dir():
-            try:
-                return load_run(ws, row["run_id"])
-            except MammoError:
-                continue
-    raise SyncError("no finished dissection run in this workspace: run `mammo dissect` first")
+    if not run_id:
+        db = open_catalog(ws)
+        try:
+            run_id = latest_run_id(db)
+        finally:
+            db.conn.close()
+    return load_run(ws, run_id)
 
 
 def _open(fo: Any, name: str):
@@ -194,14 +191,18 @@ def _meta(ds: Any) -> dict:
 
 def _patch_rows(ws: Workspace, run: Any) -> list[dict]:
     from workspace.catalog import open_catalog
+    from workspace.ingest import resolve_path
 
     ids = [int(p) for p in np.asarray(run.patch_ids)]
     db = open_catalog(ws)
     found: dict[int, dict] = {}
-    for start in range(0, len(ids), 900):
-        chunk = ids[start:start + 900]
-        for row in db.query(f"SELECT * FROM patches WHERE patch_id IN ({','.join('?' * len(chunk))})", chunk):
-            found[row["patch_id"]] = dict(row)
+    try:
+        for start in range(0, len(ids), 900):
+            chunk = ids[start:start + 900]
+            for row in db.query(f"SELECT * FROM patches WHERE patch_id IN ({','.join('?' * len(chunk))})", chunk):
+                found[row["patch_id"]] = dict(row)
+    finally:
+        db.conn.close()
     missing = [p for p in ids if p not in found]
     if missing:
         raise SyncError(f"run {run.run_id} refers to {len(missing)} patches not in the catalog "
@@ -212,7 +213,7 @@ def _patch_rows(ws: Workspace, run: Any) -> list[dict]:
         thumb = row.get("thumb_path")
         if not thumb:
             raise SyncError(f"patch {p} has no thumbnail; rebuild the patch set (`mammo patches`)")
-        path = Path(thumb) if Path(thumb).is_absolute() else ws.root / thumb
+        path = resolve_path(ws, thumb)
         if not path.exists():
             raise SyncError(f"thumbnail of patch {p} is missing: {path}")
         rows.append(dict(row, thumb_abs=str(path)))

@@ -36,7 +36,6 @@ import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -82,28 +81,20 @@ class _Lru:
 def load_model_and_run(ws: Workspace, *, run_id: str | None = None, model_path: str | os.PathLike | None = None,
                        device: str | None = None):
     """The dissection run to answer with (``run_id``, else ``$MAMMO_BACKEND_RUN``, else the newest complete
-    run) and its model (from the catalog's ``models`` table; ``model_path`` overrides and must match)."""
-    from models.checkpoint import load_checkpoint
+    run) and its model (:func:`workspace.reports.model_of_run`; ``model_path`` overrides and must match)."""
     from workspace import dissect_run
     from workspace.catalog import open_catalog
-    from workspace.reports import latest_run_id
+    from workspace.reports import latest_run_id, model_of_run
 
-    db = open_catalog(ws)
-    try:
-        run_id = run_id or os.environ.get(RUN_ENV) or latest_run_id(db)
-        run = dissect_run.load_run(ws, run_id)
-        model_path = model_path or os.environ.get(MODEL_ENV)
-        if not model_path:
-            rows = list(db.execute("SELECT path FROM models WHERE model_digest = ?", [run.model_digest]).fetchall())
-            if not rows:
-                raise MammoError(f"the model {run.model_digest} of run {run_id} is not in the catalog")
-            model_path = Path(rows[0][0]) if Path(rows[0][0]).is_absolute() else ws.root / rows[0][0]
-    finally:
-        db.conn.close()
-    loaded = load_checkpoint(model_path, device=device)
-    if loaded.digest != run.model_digest:
-        raise MammoError(f"run {run.run_id} dissected model {run.model_digest}, not {loaded.digest}")
-    return loaded, run
+    run_id = run_id or os.environ.get(RUN_ENV)
+    if not run_id:
+        db = open_catalog(ws)
+        try:
+            run_id = latest_run_id(db)
+        finally:
+            db.conn.close()
+    run = dissect_run.load_run(ws, run_id)
+    return model_of_run(ws, run, model_path=model_path or os.environ.get(MODEL_ENV), device=device), run
 
 
 def model_version(loaded, run) -> str:
@@ -134,7 +125,6 @@ class Backend:
         self.iou_threshold = float(manifest.get("iou_threshold", DEFAULT_IOU_THRESHOLD))
         self.model_version = model_version(self.loaded, self.run)
         self._reads = _Lru(16)
-        self._patch_masks = _Lru(64)
         self._images = _Lru(256)
         self._activations = _Lru(64)
         self._masks_lock = threading.Lock()
@@ -168,14 +158,9 @@ class Backend:
         return self._reads.get(image_id, load)
 
     def patch_masks(self, image_id: str, index: int):
-        from workspace.query import PatchMasks
-
-        def load():
-            read = self.read(image_id)
-            return PatchMasks.from_maps(np.asarray(read.maps[index], dtype=np.float32), self.thresholds,
-                                        size=int(read.boxes[index][2]))
-
-        return self._patch_masks.get((image_id, int(index)), load)
+        """The masks of patch ``index`` of the image's read: the same object the ROI queries and the
+        background warm-up use, so a patch's masks are built once."""
+        return self.image_masks(image_id).patch(int(index))
 
     def image_masks(self, image_id: str):
         """The query engine's per-patch masks of an image (built lazily, kept in its cache)."""
@@ -396,7 +381,7 @@ class Backend:
         """The email of a Label Studio user id (asked once, through the API), or None."""
         if user_id in self._emails:
             return self._emails[user_id]
-        if not getattr(self, "_labelstudio", None):
+        if self._labelstudio is None:
             return None
         import urllib.request
 
@@ -538,13 +523,16 @@ def _read_json(environ: dict) -> dict:
     return payload
 
 
+def auth_from_env() -> tuple[str, str] | None:
+    """The basic-auth login from ``$MAMMO_BACKEND_USER`` / ``$MAMMO_BACKEND_PASSWORD`` (None unless both set)."""
+    user, password = os.environ.get(AUTH_USER_ENV), os.environ.get(AUTH_PASSWORD_ENV)
+    return (user, password) if user and password else None
 
 
 def create_app(workspace: str | os.PathLike | None = None) -> BackendApp:
     """The app for gunicorn (``ml_backend.app:create_app()``): workspace from the argument or
     ``$MAMMO_WORKSPACE``; basic auth from ``$MAMMO_BACKEND_USER`` / ``$MAMMO_BACKEND_PASSWORD`` when set."""
-    user, password = os.environ.get(AUTH_USER_ENV), os.environ.get(AUTH_PASSWORD_ENV)
-    app = BackendApp(Workspace.open(workspace), auth=(user, password) if user and password else None)
+    app = BackendApp(Workspace.open(workspace), auth=auth_from_env())
     app.backend  # load the model and the run before the first request  # noqa: B018
     return app
 

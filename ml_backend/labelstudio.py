@@ -6,7 +6,8 @@ analytics, Sentry and update checks off, a bootstrap admin user with a fixed API
 enabled, so scripts and the SDK can use it), and Local Files serving over ``document_root`` (images
 are then served under ``/data/local-files/?d=<path relative to document_root>``).
 
-A first start on a fresh database migrates for about 100 s; later starts take about 10 s.
+A first start on a fresh database migrates for 1 to 2 minutes; later starts take about 10 s
+(`bench/bench_services.py`: 74 s and 10 s on 2 shared cores; see bench/RESULTS.md).
 
 A team's existing Label Studio (e.g. on PostgreSQL) is used instead through :func:`external_server`
 (URL + token), remembered in the workspace by :func:`save_external`.
@@ -128,7 +129,7 @@ def launch(ws: Workspace, *, port: int | None = None, data_dir: Path | None = No
 
     ``document_root`` (default: the workspace root) is the folder Local Files storage may serve from.
     ``wait=False`` returns as soon as the process runs; call :func:`wait_ready` later (the first start
-    migrates a new database for about 100 s, which can overlap other work).
+    migrates a new database for 1 to 2 minutes, which can overlap other work).
     """
     port = port or free_port()
     data_dir = Path(data_dir or ws.labelstudio_dir)
@@ -139,8 +140,9 @@ def launch(ws: Workspace, *, port: int | None = None, data_dir: Path | None = No
     env = server_env(ws, port=port, data_dir=data_dir, document_root=document_root, creds=creds)
     command = [str(Path(sys.executable).with_name("label-studio")), "start", "--no-browser",
                "--internal-host", "127.0.0.1", "--port", str(port), "--host", url,
-               "--username", creds["username"], "--password", creds["password"],
-               "--user-token", creds["token"], "--enable-legacy-api-token"]
+               # "--opt=value": a generated password may begin with "-", which argparse would take for an option
+               f"--username={creds['username']}", f"--password={creds['password']}",
+               f"--user-token={creds['token']}", "--enable-legacy-api-token"]
     ready = (lambda: _api_ok(url, creds["token"])) if wait else (lambda: True)
     try:
         service = start_service(ws, name, command, port=port, env=env, ready=ready, timeout=timeout,

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from ml_backend.app import AUTH_PASSWORD_ENV, AUTH_USER_ENV, RUN_ENV
+from ml_backend.app import AUTH_PASSWORD_ENV, AUTH_USER_ENV, RUN_ENV, auth_from_env
 from workspace.config import Workspace
 from workspace.errors import MammoError
 from workspace.services import Service, free_port, http_ok, start_service
@@ -38,17 +38,12 @@ def check_binding(host: str, auth: tuple[str, str] | None) -> None:
                          "then sends as basic auth")
 
 
-def _auth_from_env() -> tuple[str, str] | None:
-    user, password = os.environ.get(AUTH_USER_ENV), os.environ.get(AUTH_PASSWORD_ENV)
-    return (user, password) if user and password else None
-
-
 def start_backend(ws: Workspace, *, host: str = "127.0.0.1", port: int | None = None,
                   auth: tuple[str, str] | None = None, run_id: str | None = None,
                   threads: int = DEFAULT_THREADS, timeout: float = START_TIMEOUT_S,
                   name: str = "ml_backend") -> Service:
     """Start the backend as a child process and wait for ``/health``; stop it with ``service.stop()``."""
-    auth = auth or _auth_from_env()
+    auth = auth or auth_from_env()
     check_binding(host, auth)
     port = port or free_port()
     env = {"MAMMO_WORKSPACE": str(ws.root), "PYTHONUNBUFFERED": "1"}
@@ -86,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--password", default=None)
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     args = parser.parse_args(argv)
-    auth = (args.user, args.password) if args.user and args.password else _auth_from_env()
+    auth = (args.user, args.password) if args.user and args.password else auth_from_env()
     try:
         check_binding(args.host, auth)
     except MammoError as error:
