@@ -73,10 +73,22 @@ def get_image(db: sqlite_utils.Database, image_id: str) -> dict:
     return rows[0]
 
 
+def complete_runs(db: sqlite_utils.Database, model_digest: str | None = None,
+                  layer: str | None = None) -> list[dict]:
+    """Complete dissection runs (optionally of one model and layer), newest first: the one rule every
+    caller (backend, FiftyOne, reports, concepts, CLI) uses for "the newest run"."""
+    sql, params = "SELECT * FROM dissection_runs WHERE status = 'complete'", []
+    if model_digest:
+        sql, params = sql + " AND model_digest = ?", [*params, model_digest]
+    if layer:
+        sql, params = sql + " AND layer = ?", [*params, layer]
+    return list(db.query(sql + " ORDER BY COALESCE(finished_at, created_at) DESC, run_id", params))
+
+
 def lesions_of(db: sqlite_utils.Database, image_id: str) -> list[dict]:
     rows = db.query("SELECT * FROM lesions WHERE image_id = ? ORDER BY lesion_id", [image_id])
     return [dict(r, geometry=json.loads(r["geometry"])) for r in rows]
 
 
 __all__ = ["SPLITS", "open_catalog", "pseudonym", "split_for", "geometry_key", "file_sha1",
-           "get_image", "lesions_of", "utc_now"]
+           "get_image", "lesions_of", "complete_runs", "utc_now"]

@@ -385,15 +385,9 @@ def load_run(ws: Workspace, run_id: str) -> DissectionRun:
 
 def latest_run(ws: Workspace, model_digest: str, layer: str | None = None) -> DissectionRun | None:
     """The most recently finished run of this model (and layer), or None."""
-    from workspace.catalog import open_catalog
+    from workspace.catalog import complete_runs, open_catalog
 
-    db = open_catalog(ws)
-    sql = "SELECT run_id FROM dissection_runs WHERE model_digest = ? AND status = 'complete'"
-    params: list[Any] = [model_digest]
-    if layer is not None:
-        sql += " AND layer = ?"
-        params.append(layer)
-    for row in db.query(sql + " ORDER BY finished_at DESC, run_id", params):
+    for row in complete_runs(open_catalog(ws), model_digest, layer):
         if (ws.runs_dir / row["run_id"] / MANIFEST).is_file():
             return load_run(ws, row["run_id"])
     return None

@@ -510,15 +510,12 @@ def make_thumbnail(display_u8: np.ndarray, max_side: int = 640, roi_mask: np.nda
 
 def latest_run_id(db: sqlite_utils.Database, model_digest: str | None = None) -> str:
     """The newest complete dissection run (of ``model_digest`` when given)."""
-    sql = "SELECT run_id FROM dissection_runs WHERE status = 'complete'"
-    params: list[Any] = []
-    if model_digest:
-        sql += " AND model_digest = ?"
-        params.append(model_digest)
-    rows = list(db.execute(sql + " ORDER BY COALESCE(finished_at, created_at) DESC LIMIT 1", params).fetchall())
-    if not rows:
+    from workspace.catalog import complete_runs
+
+    runs = complete_runs(db, model_digest)
+    if not runs:
         raise ReportError("no complete dissection run in this workspace: run `mammo dissect` first")
-    return rows[0][0]
+    return runs[0]["run_id"]
 
 
 def model_of_run(ws: Workspace, run: DissectionRun, *, model_path: str | Path | None = None,

@@ -28,14 +28,15 @@ def _scope(args: argparse.Namespace, db, *, required: bool = True) -> tuple[str 
         if not (args.model and args.layer):
             raise ConceptError("give both --model and --layer (or --run)")
         return args.model, args.layer, None
-    row = db.execute("SELECT model_digest, layer, run_id FROM dissection_runs WHERE status = 'complete' "
-                     "ORDER BY COALESCE(finished_at, created_at) DESC LIMIT 1").fetchone()
-    if row is None:
+    from workspace.catalog import complete_runs
+
+    runs = complete_runs(db)
+    if not runs:
         if required:
             raise ConceptError("no dissection run in this workspace yet: run `mammo dissect`, or name the "
                                "units with --model DIGEST --layer NAME --n-units N")
         return None, None, None
-    return row[0], row[1], row[2]
+    return runs[0]["model_digest"], runs[0]["layer"], runs[0]["run_id"]
 
 
 def _listing(args: argparse.Namespace, items: list, empty: str, header: list[str],
