@@ -1,6 +1,10 @@
 """Benchmarks of the models (not tests): patches per second and whole-mammogram read time.
 
     .venv/bin/python bench/bench_models.py [--threads 2] [--quick] [--json OUT.json]
+    .venv/bin/python bench/bench_models.py --skip-cpu --skip-read --widths 8,16,32,64,128 \
+        --widths 16,32,64,128,128 --widths 8,16,32,64,256        # the slim-width study
+
+- Parameter counts of ``vgg16_slim`` and ``vgg16_1ch``.
 
 - Patches/s for ``vgg16_slim`` and ``vgg16_1ch`` on 512 x 512 x 1 input, batch 1 and 8, fp32:
   plain eager (``torch.no_grad``, contiguous) against ``torch.inference_mode`` + channels_last, with
@@ -8,6 +12,8 @@
 - Training steps of ``vgg16_slim`` (batch 8), contiguous against channels_last.
 - A whole-mammogram read (3328 x 2560, synthetic, through the real catalog and reader path) with
   the slim model: first read (load pixels, foreground, inference, maps, cache) and the cached read.
+- ``--widths W1,...,W5`` (repeatable): a slim-style network (global average pool, 128-wide head) with
+  those block widths, forward (inference_mode + channels_last) and training (channels_last), batch 8.
 - On a GPU (when ``torch.cuda.is_available()``): ``vgg16_1ch`` at batch 1/8/32 in fp32, bf16 and fp16
   autocast (channels_last), with the card's name.
 
@@ -28,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.vgg import build_vgg  # noqa: E402
+from models.vgg import VGG, VggConfig, build_vgg, make_layers  # noqa: E402
 
 SIZE = 512
 
@@ -75,6 +81,7 @@ def bench_cpu(args: argparse.Namespace) -> list[dict]:
     device = torch.device("cpu")
     for arch in ("vgg16_slim", "vgg16_1ch"):
         model = build_vgg(arch).eval()
+        print(f"{arch}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters", flush=True)
         for batch in (1, 8):
             if args.quick and arch == "vgg16_1ch" and batch == 8:
                 continue
@@ -89,9 +96,30 @@ def bench_cpu(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def train_patches_per_second(arch: str, batch: int, *, channels_last: bool, min_seconds: float) -> float:
+def slim_with_widths(widths: tuple[int, ...]) -> torch.nn.Module:
+    """A network shaped as ``vgg16_slim`` (global pool, 128-wide head) with other block widths."""
+    config = VggConfig(widths=widths, pool=1, hidden=128)
+    return VGG(make_layers(config.layer_cfg()), widths[-1], config.pool, config.hidden, 2, config.dropout)
+
+
+def bench_widths(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for text in args.widths:
+        widths = tuple(int(w) for w in text.split(","))
+        forward = patches_per_second(slim_with_widths(widths).eval(), 8, device=torch.device("cpu"), mode="fast",
+                                     min_seconds=args.seconds)
+        training = train_patches_per_second(slim_with_widths(widths), 8, channels_last=True,
+                                            min_seconds=args.seconds * 2)
+        rows.append({"widths": widths, "forward": forward, "train": training})
+        print(f"widths {widths}: forward {forward:.1f} patches/s, training {training:.1f} patches/s (batch 8, "
+              "channels_last)", flush=True)
+    return rows
+
+
+def train_patches_per_second(arch: str | torch.nn.Module, batch: int, *, channels_last: bool,
+                             min_seconds: float) -> float:
     """Training throughput (forward, cross-entropy, backward, Adam step) on the CPU."""
-    model = build_vgg(arch).train()
+    model = (build_vgg(arch) if isinstance(arch, str) else arch).train()
     x = torch.rand(batch, 1, SIZE, SIZE)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -191,6 +219,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="skip vgg16_1ch at batch 8 on the CPU")
     parser.add_argument("--skip-cpu", action="store_true", help="only the read and GPU parts")
     parser.add_argument("--skip-read", action="store_true")
+    parser.add_argument("--widths", action="append", default=[], metavar="W1,W2,W3,W4,W5",
+                        help="also measure a slim-style network with these block widths (repeatable)")
     parser.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
     args = parser.parse_args()
     os.environ.setdefault("MAMMO_QUIET", "1")
@@ -204,6 +234,8 @@ def main() -> int:
         out["cpu"] = bench_cpu(args)
     if not args.skip_cpu:
         out["train"] = bench_train(args)
+    if args.widths:
+        out["widths"] = bench_widths(args)
     if not args.skip_read:
         out["read"] = bench_read(args)
     if torch.cuda.is_available():

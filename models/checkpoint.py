@@ -79,18 +79,28 @@ class LoadedModel:
     def preprocess(self, x01: torch.Tensor) -> torch.Tensor:
         """Intensities in [0, 1], (B, 1, H, W) -> the network's input on its device (normalised,
         channels repeated when the network wants more than one)."""
-        norm = self.meta.get("normalisation", DEFAULT_NORMALISATION)
-        x = (x01.to(self.device, torch.float32) - float(norm["mean"])) / float(norm["std"])
-        channels = int(self.meta.get("in_channels", 1))
-        if channels != x.shape[1]:
-            x = x.expand(-1, channels, -1, -1)
-        return x.contiguous(memory_format=torch.channels_last)
+        return normalise(x01, self.meta.get("normalisation", DEFAULT_NORMALISATION), self.device,
+                         channels=int(self.meta.get("in_channels", 1)))
 
     @torch.inference_mode()
     def predict_proba(self, x01: torch.Tensor) -> torch.Tensor:
         """P(possibly malignant) per patch, a CPU float32 tensor (B,)."""
-        logits = self.model(self.preprocess(x01))
-        return torch.softmax(logits.float(), dim=1)[:, 1].cpu()
+        return malignant_probability(self.model(self.preprocess(x01))).cpu()
+
+
+def normalise(x01: torch.Tensor, normalisation: dict, device: torch.device | str,
+              channels: int = 1) -> torch.Tensor:
+    """(x - mean) / std on ``device``, channels_last, the grey channel repeated to ``channels``: the
+    network input in training and inference alike."""
+    x = (x01.to(device, torch.float32) - float(normalisation["mean"])) / float(normalisation["std"])
+    if channels != x.shape[1]:
+        x = x.expand(-1, channels, -1, -1)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def malignant_probability(logits: torch.Tensor) -> torch.Tensor:
+    """P(possibly malignant) = softmax(logits)[:, 1] (class 1 of :data:`models.vgg.CLASS_NAMES`), float32."""
+    return torch.softmax(logits.float(), dim=1)[:, 1]
 
 
 def base_meta(arch: str, **extra: Any) -> dict[str, Any]:
@@ -258,4 +268,5 @@ def register_model(db: Any, loaded: LoadedModel, name: str | None = None) -> Non
 
 
 __all__ = ["FORMAT", "SHIPPED_DEMO", "DEFAULT_NORMALISATION", "LoadedModel", "file_digest", "base_meta",
+           "normalise", "malignant_probability",
            "save_checkpoint", "load_checkpoint", "resolve_model_path", "register_model"]

@@ -5,8 +5,7 @@
 ... maps = tap.output            # (B, units, h, w), detached
 
 The hook stays on the module only inside the ``with`` block. Because VGG's ReLUs work in place,
-a captured convolution output would be overwritten by the next layer: the hook clones the tensor
-unless ``clone=False``.
+a captured convolution output would be overwritten by the next layer: the hook clones the tensor.
 """
 
 from __future__ import annotations
@@ -22,29 +21,16 @@ from workspace.errors import ModelError
 
 
 class Capture:
-    """The output of one layer at the latest forward pass (``output``), or every pass (``outputs``)."""
+    """The output of one layer at the latest forward pass (``output``), detached and cloned."""
 
-    def __init__(self, layer: str, *, keep_all: bool = False, detach: bool = True, clone: bool = True):
+    def __init__(self, layer: str):
         self.layer = layer
-        self.keep_all = keep_all
-        self.detach = detach
-        self.clone = clone
         self.output: torch.Tensor | None = None
-        self.outputs: list[torch.Tensor] = []
 
     def _hook(self, _module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
         if not isinstance(output, torch.Tensor):
             raise ModelError(f"layer {self.layer!r} does not output a single tensor")
-        value = output.detach() if self.detach else output
-        if self.clone:
-            value = value.clone()
-        self.output = value
-        if self.keep_all:
-            self.outputs.append(value)
-
-    def clear(self) -> None:
-        self.output = None
-        self.outputs = []
+        self.output = output.detach().clone()
 
 
 def layer_names(model: nn.Module) -> list[str]:
@@ -63,11 +49,10 @@ def get_layer(model: nn.Module, layer: str) -> nn.Module:
 
 
 @contextmanager
-def capture(model: nn.Module, layer: str, *, keep_all: bool = False, detach: bool = True,
-            clone: bool = True) -> Iterator[Capture]:
+def capture(model: nn.Module, layer: str) -> Iterator[Capture]:
     """Hold ``layer``'s output of each forward pass while the block runs."""
     module = get_layer(model, layer)
-    tap = Capture(layer, keep_all=keep_all, detach=detach, clone=clone)
+    tap = Capture(layer)
     handle = module.register_forward_hook(tap._hook)
     try:
         yield tap

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.checkpoint import LoadedModel, register_model
+from models.checkpoint import LoadedModel, malignant_probability, register_model
 from models.features import capture
 from workspace.catalog import get_image, open_catalog
 from workspace.config import Workspace
@@ -171,7 +171,7 @@ def score_grid(loaded: LoadedModel, pixels: np.ndarray, boxes: np.ndarray, *, ke
             chunk = boxes[start:start + batch_size]
             x = np.stack([pixels[y:y + h, x0:x0 + w] for x0, y, w, h in chunk])[:, None]
             logits = loaded.model(loaded.preprocess(torch.from_numpy(np.ascontiguousarray(x))))
-            scores[start:start + len(chunk)] = torch.softmax(logits.float(), 1)[:, 1].cpu().numpy()
+            scores[start:start + len(chunk)] = malignant_probability(logits).cpu().numpy()
             if keep_maps:
                 fmap = tap.output.to(torch.float16).cpu().contiguous().numpy()
                 if maps is None:

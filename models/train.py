@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.checkpoint import LoadedModel, base_meta, save_checkpoint
+from models.checkpoint import LoadedModel, base_meta, normalise, save_checkpoint
 from models.data import PatchData
 from models.device import pick_device
 from models.evaluate import DEFAULT_BOOTSTRAP, DEFAULT_RULE, evaluate_model, plot_roc
@@ -110,24 +110,18 @@ def augment(x: torch.Tensor, recipe: Recipe, generator: torch.Generator) -> torc
     return x
 
 
-def _normalise(x: torch.Tensor, recipe: Recipe, device: torch.device) -> torch.Tensor:
-    mean, std = float(recipe.normalisation["mean"]), float(recipe.normalisation["std"])
-    x = (x.to(device) - mean) / std
-    return x.contiguous(memory_format=torch.channels_last)
-
-
 def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + stream) % (2**63 - 1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def _val_loss(model: torch.nn.Module, data: PatchData, positions: np.ndarray, recipe: Recipe,
               device: torch.device) -> float:
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(positions), recipe.batch_size):
         chunk = positions[start:start + recipe.batch_size]
-        logits = model(_normalise(data.batch(chunk), recipe, device))
+        logits = model(normalise(data.batch(chunk), recipe.normalisation, device))
         y = torch.from_numpy(data.labels[chunk]).to(device)
         total += float(F.cross_entropy(logits.float(), y, reduction="sum"))
         count += len(chunk)
@@ -146,13 +140,10 @@ def _comparable(recipe_dict: dict) -> dict:
 
 
 def train(data: PatchData, recipe: Recipe, out_dir: str | os.PathLike, *, device: str | torch.device | None = None,
-          restart: bool = False, name: str | None = None, extra_meta: dict | None = None,
-          num_threads: int | None = None) -> TrainResult:
+          restart: bool = False, name: str | None = None) -> TrainResult:
     """Train (or continue training) ``recipe.arch`` on ``data``; write ``out_dir/model.pt``."""
     device = pick_device(device)
     recipe = recipe.resolved(device)
-    if num_threads:
-        torch.set_num_threads(num_threads)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     train_idx, val_idx = data.indices("train"), data.indices("val")
@@ -195,7 +186,7 @@ def train(data: PatchData, recipe: Recipe, out_dir: str | os.PathLike, *, device
         batch_bar = progress(total=steps, desc=f"epoch {epoch + 1}/{recipe.epochs}", unit="batch", leave=False)
         for step in range(steps):
             chunk = order[step * recipe.batch_size:(step + 1) * recipe.batch_size]
-            x = _normalise(augment(data.batch(chunk), recipe, generator), recipe, device)
+            x = normalise(augment(data.batch(chunk), recipe, generator), recipe.normalisation, device)
             y = torch.from_numpy(data.labels[chunk]).to(device)
             optimiser.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x), y)

@@ -115,10 +115,5 @@ def build_vgg(arch: str, *, num_classes: int = 2, in_channels: int = 1, dropout:
                config.dropout if dropout is None else dropout)
 
 
-def dissected_units(arch: str) -> int:
-    """How many units the dissected layer has in ``arch``."""
-    return CONFIGS[arch].widths[-1]
-
-
 __all__ = ["DISSECTED_LAYER", "CLASS_NAMES", "CONFIGS", "ARCHITECTURES", "VggConfig", "VGG", "build_vgg",
-           "make_layers", "dissected_units"]
+           "make_layers"]
