@@ -66,6 +66,28 @@ def test_register_dicom_is_idempotent(ws, db, dicom_writer):
     assert other != first and db["images"].count == 2
 
 
+def test_pseudonyms_are_keyed_per_workspace_unless_a_site_key_is_set(tmp_path, dicom_writer, monkeypatch):
+    from workspace.catalog import PSEUDONYM_KEY_ENV
+    from workspace.config import Workspace
+
+    path = dicom_writer("k.dcm")
+
+    def image_id(name: str) -> str:
+        ws = Workspace.open(tmp_path / name)
+        return register_dicom(ws, open_catalog(ws), path, dataset="local")
+
+    monkeypatch.delenv(PSEUDONYM_KEY_ENV, raising=False)
+    assert image_id("random-a") != image_id("random-b")  # a random key each: ids cannot be matched up
+    monkeypatch.setenv(PSEUDONYM_KEY_ENV, "site-key-of-the-breast-unit")
+    first = image_id("site-a")
+    assert image_id("site-b") == first  # one site key: the same ids in both workspaces
+    monkeypatch.setenv(PSEUDONYM_KEY_ENV, "another-site-key-entirely")
+    assert image_id("site-a") == first  # a workspace keeps the key its ids were made with
+    monkeypatch.setenv(PSEUDONYM_KEY_ENV, "short")
+    with pytest.raises(ValueError, match="at least 16 characters"):
+        image_id("too-short")
+
+
 def test_register_dicom_labels_split_and_extra(ws, db, dicom_writer):
     path = dicom_writer("b.dcm", laterality=None, view=None)
     image_id = register_dicom(ws, db, path, dataset="synthetic", patient_source_id="synth-7", split="test",

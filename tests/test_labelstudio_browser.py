@@ -38,6 +38,7 @@ pytestmark = [pytest.mark.labelstudio, pytest.mark.browser, pytest.mark.slow,
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "img"
 CONCEPT = "Spiculated margin"
+VISIBLE_MASK_PIXELS = 150  # a mask this big has an outline of more than 20 screen pixels
 
 # the regions and the tool state of the annotation being edited, from the Label Studio frontend's store
 REGIONS_JS = """
@@ -88,21 +89,31 @@ def reader(labelstudio_server, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lesion(ls_pipeline):
-    """An image of the workspace with a ground-truth lesion: its id and the lesion's box [x, y, w, h] in
-    the displayed (normalised) image."""
+    """An image of the workspace with a ground-truth lesion that is not benign: its id, the lesion's box
+    [x, y, w, h] in the displayed (normalised) image, and ``ask``, the box the reader draws (see
+    ``_box_over_lesion_units``). The first such lesion whose answer's most aligned unit has a mask big
+    enough to see on screen (the stand-in model is untrained: some of its units fire in specks)."""
     from workspace.catalog import get_image, open_catalog
     from workspace.dicom_io import to_normalised
 
     db = open_catalog(ls_pipeline.ws)
     try:
-        row = db.execute("SELECT image_id, geometry FROM lesions WHERE source = 'ground_truth' AND "
-                         "pathology != 'benign' ORDER BY image_id, lesion_id LIMIT 1").fetchone()
-        assert row is not None, "the test workspace has no malignant lesion"
-        image = get_image(db, row[0])
+        rows = db.execute("SELECT image_id, geometry FROM lesions WHERE source = 'ground_truth' AND "
+                          "pathology != 'benign' ORDER BY image_id, lesion_id").fetchall()
+        assert rows, "the test workspace has no malignant lesion"
+        candidates = []
+        for image_id, geometry in rows:
+            image = get_image(db, image_id)
+            box = to_normalised("box", json.loads(geometry)["bbox"], image)
+            candidates.append({"image_id": image_id, "box": [float(v) for v in box],
+                               "size": (int(image["cols"]), int(image["rows"]))})
     finally:
         db.conn.close()
-    box = to_normalised("box", json.loads(row[1])["bbox"], image)
-    return {"image_id": row[0], "box": [float(v) for v in box], "size": (int(image["cols"]), int(image["rows"]))}
+    for candidate in candidates:
+        candidate["ask"], top_mask_pixels = _box_over_lesion_units(ls_pipeline, candidate)
+        if top_mask_pixels >= VISIBLE_MASK_PIXELS:
+            return candidate
+    raise AssertionError("no lesion of the test workspace has an answer with a visible most aligned unit")
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +210,12 @@ def wait_for_answer(driver, store, image_id: str, before: int | None, shots: Pat
                          "Label Studio sent no interactive request to the backend for the drawn box")
 
 
+def on_image(pixels: np.ndarray, canvas) -> np.ndarray:
+    """The part of a screenshot where the task's image is (the region list beside it repeats the colours)."""
+    x0, y0 = canvas.location["x"], canvas.location["y"]
+    return pixels[y0:y0 + canvas.size["height"], x0:x0 + canvas.size["width"]]
+
+
 def colour_pixels(pixels: np.ndarray, rgb: tuple[int, int, int], tol: int = 40) -> int:
     return int((np.abs(pixels.astype(int) - np.array(rgb)).max(axis=-1) < tol).sum())
 
@@ -221,7 +238,7 @@ def test_task_with_predictions_in_headless_chromium(labelstudio_server, reader, 
     with Image.open(shot) as image:
         pixels = np.asarray(image.convert("RGB"))
     assert pixels.shape[0] >= 900 and pixels.std() > 20  # a rendered page, not a blank one
-    assert colour_pixels(pixels, (255, 122, 0)) > 200  # the suspicious-patch outlines (#ff7a00) are drawn
+    assert colour_pixels(on_image(pixels, canvas), (255, 122, 0)) > 200  # the suspicious-patch outlines (#ff7a00)
     # the rectangles are outlines: inside them the mammogram shows untinted (grey), except where the
     # most activated unit's see-through map lies
     predictions = list(labelstudio_server.client().predictions.list(task=task.id))
@@ -250,23 +267,34 @@ def test_task_with_predictions_in_headless_chromium(labelstudio_server, reader, 
     keep(shot, "labelstudio_predictions.png")
 
 
-def _box_over_lesion_units(pipeline, lesion) -> list[float]:
+def _roi_of_box(box: list[float], size: tuple[int, int]) -> np.ndarray:
+    cols, rows = size
+    x, y, w, h = box
+    roi = np.zeros((rows, cols), dtype=bool)
+    roi[max(0, int(y)):max(0, int(y + h)), max(0, int(x)):max(0, int(x + w))] = True
+    return roi
+
+
+def _box_over_lesion_units(pipeline, lesion) -> tuple[list[float], int]:
     """The box a reader draws: around the lesion, or, where the test's untrained model fires in small spots
-    only, around the biggest mask among the units closest to the lesion (so an answer has a visible unit)."""
+    only, around the biggest mask among the units closest to the lesion (so an answer has a visible unit).
+    Also the pixel count of the mask of the unit that box aligns best with."""
     from workspace.query import query_image
 
     x, y, w, h = lesion["box"]
     margin = max(6.0, 0.25 * max(w, h))
-    cols, rows = lesion["size"]
-    roi = np.zeros((rows, cols), dtype=bool)
-    roi[int(y):int(y + h), int(x):int(x + w)] = True
-    answer = query_image(pipeline.ws, lesion["image_id"], roi, pipeline.loaded, pipeline.run)
+    answer = query_image(pipeline.ws, lesion["image_id"], _roi_of_box(lesion["box"], lesion["size"]),
+                         pipeline.loaded, pipeline.run)
     masks = [answer.mask_of(int(u)) for u in answer.ranking[:8]]
     masks = [m for m in masks if m.any()]
     if answer.aligned.size or not masks:
-        return [x - margin, y - margin, w + 2 * margin, h + 2 * margin]
-    ys, xs = np.nonzero(max(masks, key=np.count_nonzero))
-    return [float(xs.min()) - 4, float(ys.min()) - 4, float(np.ptp(xs)) + 9, float(np.ptp(ys)) + 9]
+        box = [x - margin, y - margin, w + 2 * margin, h + 2 * margin]
+    else:
+        ys, xs = np.nonzero(max(masks, key=np.count_nonzero))
+        box = [float(xs.min()) - 4, float(ys.min()) - 4, float(np.ptp(xs)) + 9, float(np.ptp(ys)) + 9]
+    asked = query_image(pipeline.ws, lesion["image_id"], _roi_of_box(box, lesion["size"]), pipeline.loaded,
+                        pipeline.run)
+    return box, int(np.count_nonzero(asked.mask_of(int(asked.ranking[0]))))
 
 
 def test_reader_draws_an_roi_box_and_gets_the_answer(labelstudio_server, reader, projects, ls_pipeline, lesion,
@@ -280,7 +308,7 @@ def test_reader_draws_an_roi_box_and_gets_the_answer(labelstudio_server, reader,
     screening = projects[lc.SCREENING]
     task = next(t for t in screening["tasks"] if t.data["image_id"] == lesion["image_id"])
     open_task(reader, labelstudio_server, screening["id"], task.id, lc.SUSPICIOUS_LABEL)
-    box = _box_over_lesion_units(ls_pipeline, lesion)
+    box = lesion["ask"]
     with ConceptStore(ls_pipeline.ws) as store:
         before = store.latest_query(image_id=lesion["image_id"])
         started = time.perf_counter()
@@ -307,8 +335,11 @@ def test_reader_draws_an_roi_box_and_gets_the_answer(labelstudio_server, reader,
     reader.save_screenshot(str(shot))
     with Image.open(shot) as image:
         pixels = np.asarray(image.convert("RGB"))
-    assert colour_pixels(pixels, (255, 0, 255)) > 100  # the ROI box (magenta) is drawn
-    assert colour_pixels(pixels, (0, 230, 118)) > 20  # the most aligned unit's outline (green)
+    drawn = on_image(pixels, image_canvas(reader)).astype(int)
+    assert colour_pixels(drawn, (255, 0, 255)) > 100  # the ROI box (magenta) is drawn on the image
+    # and the most aligned unit (green, drawn see-through over the grey tissue)
+    red, green, blue = drawn[..., 0], drawn[..., 1], drawn[..., 2]
+    assert int(((green - red > 60) & (green - blue > 20)).sum()) > 20
     keep(shot, "labelstudio_task.png")
 
     # the reader names the concept and submits: the webhook labels the units with it, from this ROI

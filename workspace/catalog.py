@@ -26,12 +26,22 @@ def open_catalog(ws: Workspace) -> sqlite_utils.Database:
     return connect(ws.catalog_path)
 
 
+PSEUDONYM_KEY_ENV = "MAMMO_PSEUDONYM_KEY"
+
+
 def _secret(ws: Workspace) -> bytes:
-    """A per-workspace key for pseudonyms, so ids cannot be reversed by hashing known identifiers."""
+    """A per-workspace key for pseudonyms, so ids cannot be reversed by hashing known identifiers.
+
+    Made once, when the workspace's first pseudonym is: random, or ``$MAMMO_PSEUDONYM_KEY`` where a site
+    wants the same pseudonyms in several workspaces (and tests want the same ids on every run). A key
+    already written is never replaced: every id in the catalog depends on it."""
     path = ws.root / ".pseudonym-key"
     if not path.exists():
+        site_key = os.environ.get(PSEUDONYM_KEY_ENV, "").strip()
+        if os.environ.get(PSEUDONYM_KEY_ENV) is not None and len(site_key) < 16:
+            raise ValueError(f"${PSEUDONYM_KEY_ENV} must be at least 16 characters (a secret, not a label)")
         tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(os.urandom(32).hex().encode())
+        tmp.write_bytes(site_key.encode() if site_key else os.urandom(32).hex().encode())
         os.replace(tmp, path)
     return path.read_bytes()
 
@@ -90,5 +100,5 @@ def lesions_of(db: sqlite_utils.Database, image_id: str) -> list[dict]:
     return [dict(r, geometry=json.loads(r["geometry"])) for r in rows]
 
 
-__all__ = ["SPLITS", "open_catalog", "pseudonym", "split_for", "geometry_key", "file_sha1",
+__all__ = ["SPLITS", "PSEUDONYM_KEY_ENV", "open_catalog", "pseudonym", "split_for", "geometry_key", "file_sha1",
            "get_image", "lesions_of", "complete_runs", "utc_now"]
