@@ -119,7 +119,10 @@ class PatchData:
             return None
         patches = [[int(self.origins[i][1]), self.origins[i][2], int(self.boxes[i][0]), int(self.boxes[i][1]),
                     int(self.labels[i])] for i in idx]
-        return {"split": split, "generator": "workspace.synth", "seed": seeds.pop(), "size": self.size,
+        from workspace.synth import GENERATOR_VERSION
+
+        return {"split": split, "generator": "workspace.synth", "generator_version": GENERATOR_VERSION,
+                "seed": seeds.pop(), "size": self.size,
                 "image_shape": self.info.get("image_shape"),
                 "columns": ["patient", "image_key", "x", "y", "label"], "patches": patches,
                 "pixel_digest": pixel_digest(self, idx)}
@@ -159,6 +162,10 @@ def rebuild_recorded_split(recorded: dict, *, birads0_fraction: float = 0.5, var
     from workspace import dicom_io, synth
     from workspace.progress import progress
 
+    version = int(recorded.get("generator_version", 1))
+    if version != synth.GENERATOR_VERSION:
+        raise MammoError(f"the split was recorded with synthetic generator version {version}; this one is "
+                         f"version {synth.GENERATOR_VERSION} and draws other pixels, so it cannot be rebuilt")
     seed, size, shape = int(recorded["seed"]), int(recorded["size"]), recorded.get("image_shape")
     by_image: dict[tuple[int, str], list[int]] = {}
     for i, (patient, key, *_rest) in enumerate(recorded["patches"]):

@@ -13,6 +13,8 @@ from models.data import PatchData, pixel_digest, rebuild_recorded_split
 from workspace.catalog import open_catalog
 from workspace.cli import main
 from workspace.config import Workspace
+from workspace.errors import MammoError
+from workspace.synth import GENERATOR_VERSION
 
 SHAPE = (832, 640)
 PATCH = 128
@@ -81,6 +83,11 @@ def test_the_recorded_test_split_is_redrawn_pixel_for_pixel(cohort, tmp_path, ca
     different = dict(recorded, patches=[[p, k, x + 1, y, lab] for p, k, x, y, lab in recorded["patches"]])
     moved = rebuild_recorded_split(different, birads0_fraction=0.8, folder=tmp_path)
     assert pixel_digest(moved, np.arange(len(moved))) != recorded["pixel_digest"]
+    # a split recorded by another generator is refused with a reason, not redrawn with other pixels
+    assert recorded["generator_version"] == GENERATOR_VERSION
+    other = dict(recorded, generator_version=GENERATOR_VERSION + 1)
+    with pytest.raises(MammoError, match=f"generator version {GENERATOR_VERSION + 1}"):
+        rebuild_recorded_split(other, birads0_fraction=0.8, folder=tmp_path)
 
 
 def test_mammo_read_uses_a_trained_workspace_model(cohort, capsys):

@@ -106,6 +106,9 @@ class PatientPlan:
 
 
 IMAGE_KEYS = ("LCC", "LMLO", "RCC", "RMLO")
+# Bump whenever the same (seed, patient) draws different pixels, so that a model's recorded split can
+# tell it was drawn by another generator (models.data.rebuild_recorded_split refuses it).
+GENERATOR_VERSION = 1
 
 
 def _finding_spec(rng: np.random.Generator, malignant: bool) -> FindingSpec:
