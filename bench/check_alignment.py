@@ -31,6 +31,7 @@ from workspace.config import Workspace  # noqa: E402
 from workspace.demo_check import lesion_boxes  # noqa: E402
 from workspace.dissect_run import load_run  # noqa: E402
 from workspace.dissection import DEFAULT_IOU_THRESHOLD  # noqa: E402
+from workspace.errors import QueryError  # noqa: E402
 from workspace.ingest import load_foreground  # noqa: E402
 from workspace.query import query_image, roi_from_box  # noqa: E402
 from workspace.reports import model_of_run  # noqa: E402
@@ -89,8 +90,12 @@ def main() -> None:
             for kind, roi_box in pairs:
                 if roi_box is None:
                     continue
-                answer = query_image(ws, image_id, roi_from_box(roi_box, shape), loaded, run,
-                                     iou_threshold=args.iou)
+                try:
+                    answer = query_image(ws, image_id, roi_from_box(roi_box, shape), loaded, run,
+                                         iou_threshold=args.iou)
+                except QueryError as exc:  # e.g. a lesion on the skin line, where no patch was read
+                    print(f"  {image_id} {kind:8s} box {list(map(int, roi_box))}: skipped ({exc})")
+                    continue
                 best = float(answer.iou[answer.ranking[0]])
                 aligned = int(len(answer.aligned))
                 found[kind].append((best, aligned))
