@@ -26,10 +26,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.inference import read_mammogram  # noqa: E402
-from workspace.catalog import complete_runs, get_image, open_catalog  # noqa: E402
+from workspace.catalog import get_image, open_catalog  # noqa: E402
 from workspace.config import Workspace  # noqa: E402
 from workspace.demo_check import lesion_boxes  # noqa: E402
-from workspace.dissect_run import load_run  # noqa: E402
+from workspace.dissect_run import run_or_newest  # noqa: E402
 from workspace.dissection import DEFAULT_IOU_THRESHOLD  # noqa: E402
 from workspace.errors import QueryError  # noqa: E402
 from workspace.ingest import load_foreground  # noqa: E402
@@ -65,10 +65,7 @@ def main() -> None:
 
     ws = Workspace.open(args.workspace)
     db = open_catalog(ws)
-    runs = complete_runs(db)
-    if not runs:
-        sys.exit("no complete dissection run in the workspace: run `mammo dissect` first")
-    run = load_run(ws, args.run or runs[0]["run_id"])
+    run = run_or_newest(ws, args.run)
     loaded = model_of_run(ws, run)
     rng = np.random.default_rng(args.seed)
     rows = list(db.query(

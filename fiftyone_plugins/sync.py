@@ -161,22 +161,6 @@ def _variance_ratio(run: Any) -> list[float]:
     return [float(v) for v in np.asarray(ratio).ravel()] if ratio is not None else []
 
 
-def pick_run(ws: Workspace, run_id: str | None = None):
-    """The run ``run_id``, else the newest complete run (``workspace.reports.latest_run_id``: the run
-    the Label Studio backend answers with, so one ``mammo up`` shows one run everywhere)."""
-    from workspace.catalog import open_catalog
-    from workspace.dissect_run import load_run
-    from workspace.reports import latest_run_id
-
-    if not run_id:
-        db = open_catalog(ws)
-        try:
-            run_id = latest_run_id(db)
-        finally:
-            db.conn.close()
-    return load_run(ws, run_id)
-
-
 def _open(fo: Any, name: str):
     if fo.dataset_exists(name):
         return fo.load_dataset(name)

@@ -82,18 +82,10 @@ def load_model_and_run(ws: Workspace, *, run_id: str | None = None, model_path: 
                        device: str | None = None):
     """The dissection run to answer with (``run_id``, else ``$MAMMO_BACKEND_RUN``, else the newest complete
     run) and its model (:func:`workspace.reports.model_of_run`; ``model_path`` overrides and must match)."""
-    from workspace import dissect_run
-    from workspace.catalog import open_catalog
-    from workspace.reports import latest_run_id, model_of_run
+    from workspace.dissect_run import run_or_newest
+    from workspace.reports import model_of_run
 
-    run_id = run_id or os.environ.get(RUN_ENV)
-    if not run_id:
-        db = open_catalog(ws)
-        try:
-            run_id = latest_run_id(db)
-        finally:
-            db.conn.close()
-    run = dissect_run.load_run(ws, run_id)
+    run = run_or_newest(ws, run_id or os.environ.get(RUN_ENV))
     return model_of_run(ws, run, model_path=model_path or os.environ.get(MODEL_ENV), device=device), run
 
 
@@ -321,7 +313,7 @@ class Backend:
         task_id, image_id, row = self._task_image(task)
         if info.kind == lc.SCREENING:
             width, height = int(row["cols"]), int(row["rows"])
-            roi = pr.roi_mask(results, info, width, height)
+            roi = pr.roi_mask(results, width, height)
             # = workspace.query.query_image(ws, image_id, roi, loaded, run), with the masks warmed and shared
             answer = self.image_masks(image_id).query(roi, self.iou_threshold)
             self.warm(image_id)
@@ -332,7 +324,7 @@ class Backend:
         read = self.read(image_id)
         index = self._patch_index(task, read)
         box = [int(v) for v in np.asarray(read.boxes)[index]]
-        roi = pr.roi_mask(results, info, box[2], box[3])
+        roi = pr.roi_mask(results, box[2], box[3])
         patch_masks = self.patch_masks(image_id, index)
         answer = query_patch(patch_masks, roi, iou_threshold=self.iou_threshold)
         return {"image_id": image_id, "roi": roi, "iou": np.asarray(answer.iou, dtype=np.float64),
@@ -341,7 +333,7 @@ class Backend:
 
     def interactive(self, task: dict, info: lc.ConfigInfo, context: dict, *, asked_by: str = "labelstudio") -> dict:
         """The aligned units' masks (top ``top_units``, the most aligned first) and the report."""
-        results = pr.asked_rois(context.get("result") if isinstance(context, dict) else None, info)
+        results = pr.asked_rois(context.get("result") if isinstance(context, dict) else None)
         q = self.query(task, info, results)
         labels = self.labels()
         roi_geometry = pr.roi_geometry(q["roi"])
@@ -349,7 +341,8 @@ class Backend:
             self.run.model_digest, self.run.layer, roi=roi_geometry, ranking=q["iou"], aligned=q["aligned"],
             iou_threshold=self.iou_threshold, asked_by=asked_by, source="labelstudio", image_id=q["image_id"],
             patch_box=q["patch_box"], run_id=self.run.run_id)
-        shown = [u for u in q["ranking"] if u in set(q["aligned"])][: self.top_units]
+        aligned = set(q["aligned"])
+        shown = [u for u in q["ranking"] if u in aligned][: self.top_units]
         if not shown and q["ranking"]:
             shown = q["ranking"][:1]  # nothing aligned: still show the best match, labelled as such
         result = pr.echo_rois(results, query_id)  # the drawn box, kept in the annotation (see echo_rois)

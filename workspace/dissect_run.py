@@ -383,14 +383,31 @@ def load_run(ws: Workspace, run_id: str) -> DissectionRun:
     return DissectionRun(run_id, path, json.loads(manifest_path.read_text()))
 
 
-def latest_run(ws: Workspace, model_digest: str, layer: str | None = None) -> DissectionRun | None:
-    """The most recently finished run of this model (and layer), or None."""
+def latest_run(ws: Workspace, model_digest: str | None = None, layer: str | None = None) -> DissectionRun | None:
+    """The most recently finished run (of this model and layer when given), or None
+    (:func:`workspace.catalog.complete_runs` orders them)."""
     from workspace.catalog import complete_runs, open_catalog
 
-    for row in complete_runs(open_catalog(ws), model_digest, layer):
+    db = open_catalog(ws)
+    try:  # closed here: the backend and the App call this from long-lived processes
+        rows = complete_runs(db, model_digest, layer)
+    finally:
+        db.conn.close()
+    for row in rows:
         if (ws.runs_dir / row["run_id"] / MANIFEST).is_file():
             return load_run(ws, row["run_id"])
     return None
+
+
+def run_or_newest(ws: Workspace, run_id: str | None = None) -> DissectionRun:
+    """The run ``run_id``, else the newest finished run of any model: the run the Label Studio backend,
+    the FiftyOne datasets and the reports all answer with when none is named."""
+    if run_id:
+        return load_run(ws, run_id)
+    run = latest_run(ws)
+    if run is None:
+        raise CatalogError("no complete dissection run in this workspace: run `mammo dissect` first")
+    return run
 
 
 def list_runs(ws: Workspace) -> list[dict[str, Any]]:
@@ -546,4 +563,4 @@ def run_dissection(ws: Workspace, loaded: Any, *, patch_set: str = "default", sp
 
 __all__ = ["DEFAULT_MEMORY_BUDGET_MB", "DissectionError", "DissectionStats", "DissectionRun", "ActivationSource",
            "plan_quantile", "dissect_batches", "model_source", "execute_run", "run_dissection", "load_run",
-           "latest_run", "list_runs", "make_run_id"]
+           "latest_run", "run_or_newest", "list_runs", "make_run_id"]

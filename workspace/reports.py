@@ -39,7 +39,6 @@ from workspace.errors import ConceptError, MammoError
 from workspace.schema import utc_now
 
 if TYPE_CHECKING:  # annotations only: torch is imported when a real report is made
-    import sqlite_utils
 
     from models.checkpoint import LoadedModel
     from workspace.config import Workspace
@@ -508,16 +507,6 @@ def make_thumbnail(display_u8: np.ndarray, max_side: int = 640, roi_mask: np.nda
     return thumb
 
 
-def latest_run_id(db: sqlite_utils.Database, model_digest: str | None = None) -> str:
-    """The newest complete dissection run (of ``model_digest`` when given)."""
-    from workspace.catalog import complete_runs
-
-    runs = complete_runs(db, model_digest)
-    if not runs:
-        raise ReportError("no complete dissection run in this workspace: run `mammo dissect` first")
-    return runs[0]["run_id"]
-
-
 def model_of_run(ws: Workspace, run: DissectionRun, *, model_path: str | Path | None = None,
                  device: str | None = None) -> LoadedModel:
     """The model ``run`` dissected: its file from the catalog's ``models`` table (``model_path``
@@ -558,10 +547,10 @@ def report_for_image(ws: Workspace, image_id: str, roi: np.ndarray | Sequence[in
     db = open_catalog(ws)
     try:  # closed here: a long-lived caller (a server) must not collect one connection per report
         image = get_image(db, image_id)
-        if run is None or isinstance(run, str):
-            run = dissect_run.load_run(ws, run or latest_run_id(db))
     finally:
         db.conn.close()
+    if run is None or isinstance(run, str):
+        run = dissect_run.run_or_newest(ws, run)
     if loaded is None:
         loaded = model_of_run(ws, run)
     if loaded.digest != run.model_digest:

@@ -32,9 +32,10 @@ def _sync(args: argparse.Namespace) -> int:
         uri = running.url
     try:
         connect_here(ws, uri)
-        from fiftyone_plugins.sync import pick_run, sync_with_summary
+        from fiftyone_plugins.sync import sync_with_summary
+        from workspace.dissect_run import run_or_newest
 
-        run = pick_run(ws, args.run)
+        run = run_or_newest(ws, args.run)
         _p, _n, summary = sync_with_summary(ws, run, prefix=args.prefix)
         if summary.patches_written or summary.neurons_written:
             print(f"run {run.run_id}: {summary.patches_dataset} ({summary.patches_written} patches), "
