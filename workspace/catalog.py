@@ -37,11 +37,11 @@ def _secret(ws: Workspace) -> bytes:
     already written is never replaced: every id in the catalog depends on it."""
     path = ws.root / ".pseudonym-key"
     if not path.exists():
-        site_key = os.environ.get(PSEUDONYM_KEY_ENV, "").strip()
-        if os.environ.get(PSEUDONYM_KEY_ENV) is not None and len(site_key) < 16:
-            raise ValueError(f"${PSEUDONYM_KEY_ENV} must be at least 16 characters (a secret, not a label)")
+        site_key = os.environ.get(PSEUDONYM_KEY_ENV)
+        if site_key is not None and len(site_key.strip()) < 16:
+            raise CatalogError(f"${PSEUDONYM_KEY_ENV} must be at least 16 characters (a secret, not a label)")
         tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(site_key.encode() if site_key else os.urandom(32).hex().encode())
+        tmp.write_bytes(site_key.strip().encode() if site_key else os.urandom(32).hex().encode())
         os.replace(tmp, path)
     return path.read_bytes()
 

@@ -25,14 +25,12 @@ Recipe (Lu & Perer, following the data they used):
 
   Why not ``all`` by default: lesion patches follow their lesion, so those of lesions near the skin
   line reach into the dark background past it, while ``all`` never draws a normal patch there. A
-  model trained on that set learned the shortcut "background in the patch => lesion" (the first demo
-  model scored lesion patches with background 0.95 on average, those without 0.66, normals 0.33, and
-  flagged the skin line of normal mammograms as suspicious). Drawing normal patches by the same
-  centre rule gives both classes the same spread of tissue fractions, so the skin line is no cue.
+  model trained on that set learned the shortcut "background in the patch => lesion" and flagged the
+  skin line of normal mammograms as suspicious (models/README.md, "Known weakness", measured with
+  ``bench/check_shortcut.py``). Drawing normal patches by the same centre rule gives both classes a
+  like spread of tissue fractions, so the skin line is no cue (``tests/test_patches.py`` checks it).
   The minimum 0.25 only drops patches that are mostly background (a centre just inside a sharp
-  corner of the mask); on the synthetic training cohort (step 256) it removes < 1 % of the
-  centre-rule candidates, whose tissue fractions (5th percentile 0.46, median 0.93) then resemble the
-  lesion patches' (25th percentile 0.57, median 0.85).
+  corner of the mask).
 
   Benign findings (e.g. benign calcifications) may lie inside normal patches on purpose: they are
   part of the normal class, so "any blob" is not a cue. ``ceil(P / N)`` are drawn per image
