@@ -28,13 +28,14 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.vgg import VGG, VggConfig, build_vgg, make_layers  # noqa: E402
+from models.vgg import CONFIGS, VggConfig, build_vgg  # noqa: E402
 
 SIZE = 512
 
@@ -96,19 +97,14 @@ def bench_cpu(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def slim_with_widths(widths: tuple[int, ...]) -> torch.nn.Module:
-    """A network shaped as ``vgg16_slim`` (global pool, 128-wide head) with other block widths."""
-    config = VggConfig(widths=widths, pool=1, hidden=128)
-    return VGG(make_layers(config.layer_cfg()), widths[-1], config.pool, config.hidden, 2, config.dropout)
-
-
 def bench_widths(args: argparse.Namespace) -> list[dict]:
     rows = []
     for text in args.widths:
         widths = tuple(int(w) for w in text.split(","))
-        forward = patches_per_second(slim_with_widths(widths).eval(), 8, device=torch.device("cpu"), mode="fast",
+        config = replace(CONFIGS["vgg16_slim"], widths=widths)  # vgg16_slim's global pool and head, other widths
+        forward = patches_per_second(build_vgg(config).eval(), 8, device=torch.device("cpu"), mode="fast",
                                      min_seconds=args.seconds)
-        training = train_patches_per_second(slim_with_widths(widths), 8, channels_last=True,
+        training = train_patches_per_second(config, 8, channels_last=True,
                                             min_seconds=args.seconds * 2)
         rows.append({"widths": widths, "forward": forward, "train": training})
         print(f"widths {widths}: forward {forward:.1f} patches/s, training {training:.1f} patches/s (batch 8, "
@@ -116,10 +112,10 @@ def bench_widths(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def train_patches_per_second(arch: str | torch.nn.Module, batch: int, *, channels_last: bool,
+def train_patches_per_second(arch: str | VggConfig, batch: int, *, channels_last: bool,
                              min_seconds: float) -> float:
     """Training throughput (forward, cross-entropy, backward, Adam step) on the CPU."""
-    model = (build_vgg(arch) if isinstance(arch, str) else arch).train()
+    model = build_vgg(arch).train()
     x = torch.rand(batch, 1, SIZE, SIZE)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

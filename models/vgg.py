@@ -105,11 +105,16 @@ def make_layers(cfg: list[int | str], in_channels: int = 1) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def build_vgg(arch: str, *, num_classes: int = 2, in_channels: int = 1, dropout: float | None = None) -> VGG:
-    """A freshly initialised network of architecture ``arch`` (one of :data:`ARCHITECTURES`)."""
-    if arch not in CONFIGS:
+def build_vgg(arch: str | VggConfig, *, num_classes: int = 2, in_channels: int = 1,
+              dropout: float | None = None) -> VGG:
+    """A freshly initialised network of architecture ``arch`` (one of :data:`ARCHITECTURES`, or a
+    :class:`VggConfig` of its own, as the width study in ``bench/bench_models.py`` builds)."""
+    if isinstance(arch, VggConfig):
+        config = arch
+    elif arch in CONFIGS:
+        config = CONFIGS[arch]
+    else:
         raise ModelError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
-    config = CONFIGS[arch]
     features = make_layers(config.layer_cfg(), in_channels)
     return VGG(features, config.widths[-1], config.pool, config.hidden, num_classes,
                config.dropout if dropout is None else dropout)

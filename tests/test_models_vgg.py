@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from models.checkpoint import base_meta, load_checkpoint, save_checkpoint
 from models.features import capture, layer_names
-from models.vgg import DISSECTED_LAYER, build_vgg
+from models.vgg import CONFIGS, DISSECTED_LAYER, build_vgg
 from workspace.errors import ModelError
 
 
@@ -47,6 +48,19 @@ def test_slim_twin_keeps_feature_layer_names_and_dissected_layer():
     assert logits.shape == (2, 2)
     assert tap.output.shape == (2, 128, 4, 4)  # 512 x 512 input gives 32 x 32
     assert sum(p.numel() for p in slim.parameters()) < 1_000_000
+
+
+def test_a_config_of_its_own_builds_the_slim_shape_with_other_widths():
+    # the width study of bench/bench_models.py builds its networks this way
+    config = replace(CONFIGS["vgg16_slim"], widths=(4, 8, 8, 16, 24))
+    net = build_vgg(config)
+    assert [m.out_channels for m in net.features if isinstance(m, nn.Conv2d)] == \
+        [4, 4, 8, 8, 8, 8, 8, 16, 16, 16, 24, 24, 24]
+    assert layer_names(net) == layer_names(build_vgg("vgg16_slim"))
+    assert net.classifier[0].in_features == 24 and net.classifier[0].out_features == 128
+    with capture(net, DISSECTED_LAYER) as tap:
+        assert net.eval()(torch.rand(1, 1, 64, 64)).shape == (1, 2)
+    assert tap.output.shape == (1, 24, 4, 4)
 
 
 def test_unknown_architecture_is_a_clear_error():
