@@ -35,11 +35,11 @@ def region_id(*parts: object) -> str:
 
 def rectangle(box: Sequence[float], width: int, height: int, *, label: str, to_name: str,
               from_name: str = "findings", score: float | None = None, rid: str | None = None,
-              text: str | None = None, readonly: bool | None = None) -> dict:
+              text: str | None = None) -> dict:
     """A RectangleLabels region for a box [x, y, w, h] in pixels of a width x height image (clipped to it).
 
-    ``readonly`` (default: for the model's ``findings``): the reader cannot drag or resize it, so a drag that
-    starts inside a suspicious patch draws the ROI box instead of moving the patch.
+    The model's ``findings`` are read-only: the reader cannot drag or resize them, so a drag that starts
+    inside a suspicious patch draws the ROI box instead of moving the patch.
     """
     x, y, w, h = (float(v) for v in box)
     x0, y0 = max(0.0, x), max(0.0, y)
@@ -52,7 +52,7 @@ def rectangle(box: Sequence[float], width: int, height: int, *, label: str, to_n
                   "width": 100.0 * (x1 - x0) / width, "height": 100.0 * (y1 - y0) / height,
                   "rotation": 0, "rectanglelabels": [label]},
     }
-    if readonly if readonly is not None else from_name == "findings":
+    if from_name == "findings":
         result["readonly"] = True
     if score is not None:
         result["score"] = float(score)
@@ -87,20 +87,18 @@ def see_through(mask: np.ndarray) -> np.ndarray:
 
 
 def brush(mask: np.ndarray, *, label: str, to_name: str, from_name: str = "units", score: float | None = None,
-          rid: str | None = None, text: str | None = None, outlined: bool | None = None) -> dict:
+          rid: str | None = None, text: str | None = None) -> dict:
     """A BrushLabels region for a bool mask of the displayed image's full size (height, width).
 
-    ``outlined`` (default: for the model's ``units`` regions) draws the region as a solid outline over a
-    see-through inside (:func:`see_through`); it decodes to the same mask.
+    The model's ``units`` regions are drawn as a solid outline over a see-through inside
+    (:func:`see_through`); they decode to the same mask.
     """
     height, width = mask.shape
-    if outlined is None:
-        outlined = from_name == "units"
     result = {
         "id": rid or region_id(from_name, label, text),
         "from_name": from_name, "to_name": to_name, "type": "brushlabels",
         "original_width": int(width), "original_height": int(height), "image_rotation": 0,
-        "value": {"format": "rle", "rle": encode_mask(see_through(mask) if outlined else mask),
+        "value": {"format": "rle", "rle": encode_mask(see_through(mask) if from_name == "units" else mask),
                   "brushlabels": [label]},
     }
     if score is not None:
@@ -160,7 +158,7 @@ def unit_of_region(result: dict) -> int | None:
 ROI_CONTROLS = ("roi", "roi_box")  # the ROI brush (API, submitted annotations) and the UI's smart rectangle
 
 
-def roi_regions(results: Sequence[dict] | None, info: lc.ConfigInfo) -> list[dict]:
+def roi_regions(results: Sequence[dict] | None) -> list[dict]:
     """The ROI regions among ``results`` (the interactive context, or a submitted annotation): brush
     regions of ``roi`` and rectangles of ``roi_box``."""
     found = []
@@ -178,11 +176,11 @@ def roi_regions(results: Sequence[dict] | None, info: lc.ConfigInfo) -> list[dic
 ECHO_PREFIX = "roi-"  # ids of the ROI boxes the backend sends back with its answer
 
 
-def asked_rois(results: Sequence[dict] | None, info: lc.ConfigInfo) -> list[dict]:
+def asked_rois(results: Sequence[dict] | None) -> list[dict]:
     """The ROI regions an interactive request asks about. Label Studio sends every ROI box of the
     annotation (the boxes echoed with earlier answers too); when a new box is among them, the question
     is that box alone ("draw another box to ask again"), else all of them."""
-    regions = roi_regions(results, info)
+    regions = roi_regions(results)
     fresh = [r for r in regions if not str(r.get("id", "")).startswith(ECHO_PREFIX)]
     return fresh or regions
 
@@ -230,13 +228,13 @@ def _rectangle_mask(value: dict, width: int, height: int) -> np.ndarray:
     return mask
 
 
-def roi_mask(results: Sequence[dict] | None, info: lc.ConfigInfo, width: int, height: int) -> np.ndarray:
+def roi_mask(results: Sequence[dict] | None, width: int, height: int) -> np.ndarray:
     """The union of the ROI regions (brushes and rectangles) as a bool mask (height, width) of the displayed
     image.
 
     Raises :class:`RequestError` for a missing, malformed, mis-sized, outside-the-image or empty ROI.
     """
-    regions = roi_regions(results, info)
+    regions = roi_regions(results)
     if not regions:
         raise RequestError("no ROI in the request: draw a box (or a brush region) labelled "
                            f"\"{lc.ROI_LABEL}\" on the image", code="no_roi")
@@ -306,11 +304,6 @@ def as_request_error(error: Exception) -> RequestError:
     return RequestError(str(error), status=422, code=name)
 
 
-__all__ = ["RequestError", "rectangle", "brush", "see_through", "SEE_THROUGH_ALPHA", "choice", "text_area",
-           "assessment", "unit_text", "unit_region_id", "unit_of_region", "ROI_CONTROLS", "ECHO_PREFIX", "roi_regions",
-           "asked_rois", "echo_rois", "roi_mask", "roi_geometry", "check_inside", "as_request_error", "region_id"]
-
-
 def json_default(value: Any, *, lenient: bool = False) -> Any:
     """``json.dumps(default=...)`` for numpy scalars and arrays; other types raise, or become text when
     ``lenient`` (for storing raw events whatever Label Studio sent)."""
@@ -324,3 +317,8 @@ def json_default(value: Any, *, lenient: bool = False) -> Any:
         return str(value)
     raise TypeError(f"not JSON: {type(value).__name__}")
 
+
+__all__ = ["RequestError", "rectangle", "brush", "see_through", "SEE_THROUGH_ALPHA", "choice", "text_area",
+           "assessment", "unit_text", "unit_region_id", "unit_of_region", "ROI_CONTROLS", "ECHO_PREFIX", "roi_regions",
+           "asked_rois", "echo_rois", "roi_mask", "roi_geometry", "check_inside", "as_request_error", "region_id",
+           "json_default"]

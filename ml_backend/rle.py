@@ -27,8 +27,9 @@ class RleError(MammoError):
 
 
 def _pixel_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(starts, values) of the runs of a 2-D bool mask flattened row-major, looking only at the rows
-    that hold a True pixel (a unit's mask covers a patch or two of a full mammogram)."""
+    """(starts, values) of the runs of a 2-D mask (bool: values 0/255; uint8: its own levels) flattened
+    row-major, looking only at the rows that hold a non-zero pixel (a unit's mask covers a patch or two
+    of a full mammogram)."""
     height, width = mask.shape
     n = height * width
     rows = np.flatnonzero(mask.any(axis=1))

@@ -26,10 +26,6 @@ from ml_backend import predictions as pr
 from ml_backend.predictions import RequestError
 from workspace.schema import utc_now
 
-
-def _lenient(value: Any) -> Any:
-    return pr.json_default(value, lenient=True)
-
 if TYPE_CHECKING:
     from ml_backend.app import Backend
 
@@ -126,7 +122,7 @@ def handle_event(backend: Backend, payload: dict) -> dict:
     labelled: dict[str, Any] = {"concept": answers["concept"], "units": [], "changed": 0}
     notes: list[str] = []
     failure: RequestError | None = None
-    if pr.roi_regions(results, info):
+    if pr.roi_regions(results):
         try:
             roi_record = _label_from_roi(backend, task, info, results, answers, reader, action, annotation,
                                          labelled, notes)
@@ -187,6 +183,9 @@ def _deleted(backend: Backend, payload: dict) -> dict:
             "notes": ["labels that came from these annotations are kept (see the label history)"]}
 
 
+def _lenient(value: Any) -> Any:
+    """Raw events are stored whatever Label Studio sent: numpy values as JSON, anything else as text."""
+    return pr.json_default(value, lenient=True)
 
 
 __all__ = ["handle_event", "submitted", "reader_of"]

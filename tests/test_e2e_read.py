@@ -6,7 +6,7 @@ of them in FiftyOne (the plugin's operator, on the real database, after the sync
 the ROI again and the report in Label Studio's answer now names the concept.
 
 The workspace is this module's own (the Label Studio stand-in: 3 synthetic patients, an untrained
-slim VGG, a dissection run; about 15 s), so the labels written here touch no other test.
+slim VGG, a dissection run), so the labels written here touch no other test.
 """
 
 from __future__ import annotations

@@ -109,24 +109,23 @@ def test_rectangles_are_percentages_of_the_displayed_image():
 
 
 def test_roi_mask_validation():
-    info = lc.parse_config(lc.SCREENING_CONFIG)
     mask = np.zeros((40, 30), bool)
     mask[5:10, 5:12] = True
     roi = pr.brush(mask, label=lc.ROI_LABEL, to_name="image", from_name="roi")
-    assert (pr.roi_mask([roi], info, 30, 40) == mask).all()
+    assert (pr.roi_mask([roi], 30, 40) == mask).all()
     with pytest.raises(pr.RequestError, match="no ROI") as e:
-        pr.roi_mask([], info, 30, 40)
+        pr.roi_mask([], 30, 40)
     assert e.value.code == "no_roi"
     empty = pr.brush(np.zeros((40, 30), bool), label=lc.ROI_LABEL, to_name="image", from_name="roi")
     with pytest.raises(pr.RequestError, match="empty") as e:
-        pr.roi_mask([empty], info, 30, 40)
+        pr.roi_mask([empty], 30, 40)
     assert e.value.code == "empty_roi"
     with pytest.raises(pr.RequestError, match="30 x 40 image") as e:
-        pr.roi_mask([roi], info, 60, 80)
+        pr.roi_mask([roi], 60, 80)
     assert e.value.code == "roi_outside_image"
     broken = dict(roi, value=dict(roi["value"], rle=roi["value"]["rle"][:9]))
     with pytest.raises(pr.RequestError, match="malformed") as e:
-        pr.roi_mask([broken], info, 30, 40)
+        pr.roi_mask([broken], 30, 40)
     assert e.value.code == "malformed_rle"
 
 
@@ -147,29 +146,28 @@ def test_roi_geometry_is_the_concept_stores_encoding():
 def test_roi_boxes_rasterise_echo_and_the_newest_is_asked():
     """The UI's ROI is a smart rectangle (``roi_box``): percentages of the image, rotated about its top-left
     corner; the backend echoes it, and a request holding a new box beside echoed ones asks the new one."""
-    info = lc.parse_config(lc.SCREENING_CONFIG)
 
     def box(x, y, w, h, rotation=0, rid="drawn"):
         return {"id": rid, "from_name": "roi_box", "to_name": "image", "type": "rectanglelabels",
                 "original_width": 200, "original_height": 100,
                 "value": {"x": x, "y": y, "width": w, "height": h, "rotation": rotation, "rectanglelabels": ["ROI"]}}
 
-    mask = pr.roi_mask([box(10, 20, 5, 30)], info, 200, 100)  # columns 20..29, rows 20..49
+    mask = pr.roi_mask([box(10, 20, 5, 30)], 200, 100)  # columns 20..29, rows 20..49
     rows, cols = np.nonzero(mask)
     assert (cols.min(), cols.max(), rows.min(), rows.max(), mask.sum()) == (20, 29, 20, 49, 300)
-    turned = pr.roi_mask([box(50, 20, 5, 30, rotation=90)], info, 200, 100)  # 90 deg clockwise about (100, 20)
+    turned = pr.roi_mask([box(50, 20, 5, 30, rotation=90)], 200, 100)  # 90 deg clockwise about (100, 20)
     rows, cols = np.nonzero(turned)
     assert (cols.min(), cols.max(), rows.min(), rows.max()) == (70, 99, 20, 29)
     with pytest.raises(pr.RequestError) as e:
-        pr.roi_mask([box(10, 20, 0, 0)], info, 200, 100)
+        pr.roi_mask([box(10, 20, 0, 0)], 200, 100)
     assert e.value.code == "empty_roi"
     echoed = pr.echo_rois([box(10, 20, 5, 30)], 41)
     assert echoed[0]["id"].startswith(pr.ECHO_PREFIX) and echoed[0]["value"]["rectanglelabels"] == ["ROI"]
     assert pr.echo_rois(echoed, 42) == []  # an echoed box is not echoed again
     assert pr.echo_rois([pr.brush(mask, label="ROI", to_name="image", from_name="roi")], 43) == []
     new = box(60, 10, 5, 5, rid="new")
-    assert pr.asked_rois(echoed + [new], info) == [new]
-    assert pr.asked_rois(echoed, info) == echoed
+    assert pr.asked_rois(echoed + [new]) == [new]
+    assert pr.asked_rois(echoed) == echoed
 
 
 def test_model_regions_are_outlines_over_a_see_through_inside():
