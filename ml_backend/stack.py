@@ -6,15 +6,13 @@ Used by ``mammo up`` and ``mammo ls up``. Every process is a child started by
 
 from __future__ import annotations
 
-import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ml_backend.labelstudio import LabelStudioServer, external_server, launch, saved_external
 from ml_backend.provision import KINDS, ProvisionResult, provision
 from workspace.config import Workspace
-from workspace.services import Service, port_open
+from workspace.services import Service, port_open, serve_until_stopped, stop_all
 
 PREFERRED_LS_PORT = 8080
 PREFERRED_BACKEND_PORT = 9090
@@ -27,10 +25,6 @@ def _port(preferred: int | None, fallback: int) -> int | None:
     return None if port_open("127.0.0.1", fallback) else fallback
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 @dataclass
 class Stack:
     ws: Workspace
@@ -40,37 +34,11 @@ class Stack:
     services: list[Service] = field(default_factory=list)   # everything started here, in start order
 
     def stop(self) -> None:
-        for service in reversed(self.services):
-            service.stop()
-
-    def dead(self) -> list[Service]:
-        return [s for s in self.services if not s.alive()]
+        stop_all(self.services)
 
     def serve(self, banner: str) -> int:
         """Print ``banner``, block until Ctrl-C (0) or until a service dies (1, with its log tail); stop all."""
-        print(banner)
-        print("Ctrl-C stops everything.", flush=True)
-        previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops the children too
-        try:
-            dead = self.wait()
-            if dead is not None:
-                print(f"{dead.name} stopped unexpectedly; see {dead.log_path}:\n{dead.log_tail()}")
-                return 1
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-            self.stop()
-        return 0
-
-    def wait(self, poll_s: float = 1.0) -> Service | None:
-        """Block until Ctrl-C (returns None) or until a service dies (returns it)."""
-        try:
-            while True:
-                dead = self.dead()
-                if dead:
-                    return dead[0]
-                time.sleep(poll_s)
-        except KeyboardInterrupt:
-            return None
+        return serve_until_stopped(self.services, banner)
 
 
 def resolve_server(ws: Workspace, *, url: str | None = None, token: str | None = None,

@@ -149,3 +149,27 @@ def recorded_services(ws: Workspace) -> dict[str, Service]:
 def stop_all(services: Sequence[Service]) -> None:
     for service in reversed(list(services)):
         service.stop()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def serve_until_stopped(services: Sequence[Service], banner: str, poll_s: float = 1.0) -> int:
+    """Print ``banner``, block until Ctrl-C or ``kill PID`` (0) or until a service dies (1, with its log
+    tail), then stop every service (last started first)."""
+    print(banner)
+    print("Ctrl-C stops everything.", flush=True)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops the children too
+    try:
+        while True:
+            dead = next((s for s in services if not s.alive()), None)
+            if dead is not None:
+                print(f"{dead.name} stopped unexpectedly; see {dead.log_path}:\n{dead.log_tail()}")
+                return 1
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        stop_all(services)

@@ -65,24 +65,14 @@ def disconnect_fiftyone() -> None:
 
 
 def _app(args: argparse.Namespace) -> int:
-    import time
-
     from fiftyone_plugins.launch import start_fiftyone
     from workspace.config import Workspace
-    from workspace.services import stop_all
+    from workspace.services import serve_until_stopped
 
     ws = Workspace.open(args.workspace)
     services = start_fiftyone(ws, app_port=args.port, prefix=args.prefix, sync_first=not args.no_sync)
-    try:
-        print(f"FiftyOne App  {services[-1].url}   (database {services[0].url}, logs in {ws.logs_dir})")
-        print("Ctrl-C stops it.", flush=True)
-        while all(s.alive() for s in services):
-            time.sleep(1.0)
-        dead = next(s for s in services if not s.alive())
-        print(f"{dead.name} stopped unexpectedly; see {dead.log_path}:\n{dead.log_tail()}")
-        return 1
-    finally:
-        stop_all(services)
+    return serve_until_stopped(services, f"FiftyOne App  {services[-1].url}   (database {services[0].url}, "
+                                         f"logs in {ws.logs_dir})")
 
 
 def add_parser(subparsers, parents) -> None:
