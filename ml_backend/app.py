@@ -43,6 +43,7 @@ import numpy as np
 from ml_backend import label_configs as lc
 from ml_backend import predictions as pr
 from ml_backend.predictions import RequestError
+from workspace.catalog import json_default
 from workspace.config import Workspace
 from workspace.errors import MammoError
 
@@ -462,7 +463,7 @@ class BackendApp:
             message = f"internal error in the mammo-dissect backend: {type(error).__name__}: {error}"
             status, body = 500, {"error": message, "code": "internal", "status": 500}
             line = _status_line(500, message)
-        data = json.dumps(body, allow_nan=False, default=pr.json_default).encode()
+        data = json.dumps(body, allow_nan=False, default=json_default).encode()
         headers = [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
         if status == 401:
             headers.append(("WWW-Authenticate", 'Basic realm="mammo-dissect"'))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
@@ -304,21 +303,6 @@ def as_request_error(error: Exception) -> RequestError:
     return RequestError(str(error), status=422, code=name)
 
 
-def json_default(value: Any, *, lenient: bool = False) -> Any:
-    """``json.dumps(default=...)`` for numpy scalars and arrays; other types raise, or become text when
-    ``lenient`` (for storing raw events whatever Label Studio sent)."""
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if lenient:
-        return str(value)
-    raise TypeError(f"not JSON: {type(value).__name__}")
-
-
 __all__ = ["RequestError", "rectangle", "brush", "see_through", "SEE_THROUGH_ALPHA", "choice", "text_area",
            "assessment", "unit_text", "unit_region_id", "unit_of_region", "ROI_CONTROLS", "ECHO_PREFIX", "roi_regions",
-           "asked_rois", "echo_rois", "roi_mask", "roi_geometry", "check_inside", "as_request_error", "region_id",
-           "json_default"]
+           "asked_rois", "echo_rois", "roi_mask", "roi_geometry", "check_inside", "as_request_error", "region_id"]

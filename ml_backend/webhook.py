@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ml_backend import label_configs as lc
 from ml_backend import predictions as pr
 from ml_backend.predictions import RequestError
+from workspace.catalog import json_default
 from workspace.schema import utc_now
 
 if TYPE_CHECKING:
@@ -185,7 +186,7 @@ def _deleted(backend: Backend, payload: dict) -> dict:
 
 def _lenient(value: Any) -> Any:
     """Raw events are stored whatever Label Studio sent: numpy values as JSON, anything else as text."""
-    return pr.json_default(value, lenient=True)
+    return json_default(value, lenient=True)
 
 
 __all__ = ["handle_event", "submitted", "reader_of"]

@@ -264,3 +264,13 @@ def test_cli_import_and_images(tmp_path, mixed_dicom_folder, capsys):
     bad_only = tmp_path / "bad-only"
     write_dicom(bad_only / "tiny.dcm", breast_phantom((64, 48)))
     assert main(["import", str(bad_only), "--workspace", str(workspace)]) == 1  # nothing usable
+
+
+def test_json_default_writes_numpy_values_and_refuses_or_stringifies_the_rest():
+    from workspace.catalog import json_default
+
+    value = {"n": np.int64(3), "x": np.float32(0.5), "ok": np.bool_(True), "a": np.arange(3, dtype=np.uint8)}
+    assert json.loads(json.dumps(value, default=json_default)) == {"n": 3, "x": 0.5, "ok": True, "a": [0, 1, 2]}
+    with pytest.raises(TypeError, match="not JSON serialisable: object"):
+        json.dumps({"o": object()}, default=json_default)
+    assert json.loads(json.dumps({"p": Path("a/b")}, default=lambda v: json_default(v, lenient=True))) == {"p": "a/b"}

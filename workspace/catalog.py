@@ -26,6 +26,17 @@ def open_catalog(ws: Workspace) -> sqlite_utils.Database:
     return connect(ws.catalog_path)
 
 
+def json_default(value: Any, *, lenient: bool = False) -> Any:
+    """``json.dumps(default=...)`` for numpy scalars and arrays (anything with ``tolist()``); other types
+    raise, or become text when ``lenient`` (for storing raw events whatever a client sent)."""
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist):
+        return tolist()
+    if lenient:
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
 PSEUDONYM_KEY_ENV = "MAMMO_PSEUDONYM_KEY"
 
 
@@ -100,5 +111,5 @@ def lesions_of(db: sqlite_utils.Database, image_id: str) -> list[dict]:
     return [dict(r, geometry=json.loads(r["geometry"])) for r in rows]
 
 
-__all__ = ["SPLITS", "PSEUDONYM_KEY_ENV", "open_catalog", "pseudonym", "split_for", "geometry_key", "file_sha1",
+__all__ = ["SPLITS", "PSEUDONYM_KEY_ENV", "json_default", "open_catalog", "pseudonym", "split_for", "geometry_key", "file_sha1",
            "get_image", "lesions_of", "complete_runs", "utc_now"]

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import platform
 import shutil
@@ -43,6 +42,7 @@ import numpy as np
 import torch
 
 from workspace import __version__
+from workspace.catalog import json_default
 from workspace.config import Workspace
 from workspace.dissection import (
     ALIGN_CORNERS,
@@ -529,7 +529,7 @@ def execute_run(ws: Workspace, source: ActivationSource, *, quantile: float = DE
                      "python": platform.python_version()},
         "created_at": created_at, "finished_at": finished_at,
     }
-    (partial / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default))
+    (partial / MANIFEST).write_text(json.dumps(manifest, indent=2, default=json_default))
     state_path.unlink(missing_ok=True)
     for item in partial.iterdir():
         _fsync_file(item)
@@ -538,17 +538,9 @@ def execute_run(ws: Workspace, source: ActivationSource, *, quantile: float = DE
         shutil.rmtree(final)
     os.rename(partial, final)
     _fsync_dir(ws.runs_dir)
-    _record(ws, {**row, "status": "complete", "manifest": json.dumps(manifest, default=_json_default),
+    _record(ws, {**row, "status": "complete", "manifest": json.dumps(manifest, default=json_default),
                  "created_at": created_at, "finished_at": finished_at})
     return load_run(ws, run_id)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def run_dissection(ws: Workspace, loaded: Any, *, patch_set: str = "default", split: str | None = "test",
