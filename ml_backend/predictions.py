@@ -93,12 +93,12 @@ def brush(mask: np.ndarray, *, label: str, to_name: str, from_name: str = "units
     (:func:`see_through`); they decode to the same mask.
     """
     height, width = mask.shape
+    rle = encode_mask(see_through(mask), alpha=True) if from_name == "units" else encode_mask(mask)
     result = {
         "id": rid or region_id(from_name, label, text),
         "from_name": from_name, "to_name": to_name, "type": "brushlabels",
         "original_width": int(width), "original_height": int(height), "image_rotation": 0,
-        "value": {"format": "rle", "rle": encode_mask(see_through(mask) if from_name == "units" else mask),
-                  "brushlabels": [label]},
+        "value": {"format": "rle", "rle": rle, "brushlabels": [label]},
     }
     if score is not None:
         result["score"] = float(score)

@@ -51,16 +51,19 @@ def _pixel_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return starts, values
 
 
-def encode_mask(mask: np.ndarray) -> list[int]:
-    """A 2-D mask as Label Studio brush RLE (a list of byte values): bool -> 0/255; a uint8 array keeps its
-    levels (Label Studio draws a brush pixel with that alpha, so 128 is see-through; read back as >= 128)."""
+def encode_mask(mask: np.ndarray, *, alpha: bool = False) -> list[int]:
+    """A 2-D mask as Label Studio brush RLE (a list of byte values): every non-zero pixel -> 255; with
+    ``alpha`` a uint8 array keeps its levels (Label Studio draws a brush pixel with that alpha, so 128 is
+    see-through; read back as >= 128)."""
     mask = np.asarray(mask)
+    if alpha and mask.dtype != np.uint8:
+        raise RleError(f"alpha levels are uint8, not {mask.dtype}")
     if mask.ndim != 2:
         raise RleError(f"a brush mask is 2-D, not of shape {mask.shape}")
     n = mask.size
     if n == 0:
         raise RleError("cannot encode an empty image")
-    starts, pixel_values = _pixel_runs(mask if mask.dtype in (bool, np.uint8) else mask > 0)
+    starts, pixel_values = _pixel_runs(mask if alpha or mask.dtype == bool else mask > 0)
     lengths = np.diff(np.concatenate([starts, [n]])) * 4  # RGBA: every pixel is 4 equal values
     values = pixel_values.astype(np.int64)
     # runs longer than 2**16 become several 16-bit-field tokens of 2**16 each, then the remainder

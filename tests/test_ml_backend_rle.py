@@ -181,3 +181,14 @@ def test_model_regions_are_outlines_over_a_see_through_inside():
     assert set(np.unique(sdk_brush.decode_rle(roi["value"]["rle"]))) == {0, 255}  # the reader's ROI: solid
     patch = pr.rectangle([10, 10, 50, 50], 200, 300, label=lc.SUSPICIOUS_LABEL, to_name="image")
     assert patch["readonly"] is True  # a drag on a suspicious patch never moves it
+
+
+def test_only_asked_for_alpha_levels_are_kept():
+    ones = np.zeros((20, 30), np.uint8)
+    ones[5:10, 5:20] = 1  # a 0/1 mask that happens to be uint8 is a mask, not alpha 1 (invisible)
+    assert (decode_mask(encode_mask(ones), 30, 20) == ones.astype(bool)).all()
+    assert set(np.unique(sdk_brush.decode_rle(encode_mask(ones)))) == {0, 255}
+    levels = ones * 128
+    assert set(np.unique(sdk_brush.decode_rle(encode_mask(levels, alpha=True)).reshape(20, 30, 4)[..., 3])) == {0, 128}
+    with pytest.raises(RleError, match="uint8"):
+        encode_mask(ones.astype(bool), alpha=True)
