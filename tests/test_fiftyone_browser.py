@@ -7,7 +7,6 @@ Screenshots are kept in the test's folder; with ``MAMMO_UPDATE_SCREENSHOTS=1`` t
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import time
@@ -16,14 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.fixtures.common import headless_chrome, keep_screenshot
 from workspace.concepts import ConceptStore
 
 pytestmark = [pytest.mark.fiftyone, pytest.mark.browser, pytest.mark.slow]
 
-IMG_DIR = Path(__file__).resolve().parent.parent / "docs" / "img"
-CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                "--window-size=1600,1000")
 
 # Pixel offsets of every point from the plot's centre (what ActionChains offsets are relative to).
 POINTS_JS = """
@@ -41,17 +37,7 @@ return {points: out, area: area};"""
 
 @pytest.fixture(scope="module")
 def browser():
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver):
-        pytest.skip("chromium/chromedriver not installed (make browser)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    for flag in CHROME_FLAGS:
-        options.add_argument(flag)
-    options.binary_location = chromium
-    d = webdriver.Chrome(service=Service(driver), options=options)
+    d = headless_chrome(1600, 1000)
     yield d
     d.quit()
 
@@ -73,16 +59,10 @@ def _body(d) -> str:
     return d.find_element(By.TAG_NAME, "body").text
 
 
-def _keep(path: Path) -> None:
-    if os.environ.get("MAMMO_UPDATE_SCREENSHOTS") == "1":
-        IMG_DIR.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, IMG_DIR / path.name)
-
-
 def _shot(d, shots: Path, name: str) -> Path:
     path = shots / name
     d.save_screenshot(str(path))
-    _keep(path)
+    keep_screenshot(path)
     return path
 
 
@@ -142,7 +122,7 @@ def _drive_the_app(fo_synced, fo_app, browser, shots: Path):
     _shot(d, shots, "fiftyone_unit_top_patches.png")
     montage = fo_synced.neurons.match(F("unit") == unit).first().filepath
     shutil.copyfile(montage, shots / "fiftyone_unit_montage.png")
-    _keep(shots / "fiftyone_unit_montage.png")
+    keep_screenshot(shots / "fiftyone_unit_montage.png")
 
     # lasso a box around a unit; the expected selection is every point clearly inside it
     (cx, cy), half, inside = _lasso_box(points, geometry["area"])

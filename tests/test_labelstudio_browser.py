@@ -17,7 +17,6 @@ Screenshots are kept in the tests' folders; with ``MAMMO_UPDATE_SCREENSHOTS=1`` 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -30,13 +29,13 @@ from ml_backend import label_configs as lc
 from ml_backend import predictions as pr
 from ml_backend.provision import provision
 from ml_backend.rle import decode_mask
+from tests.fixtures.common import headless_chrome, keep_screenshot
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.browser, pytest.mark.slow,
               pytest.mark.skipif(not ((shutil.which("chromium") or shutil.which("chromium-browser"))
                                       and shutil.which("chromedriver")),
                                  reason="needs chromium and chromedriver (`make browser`)")]
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "img"
 CONCEPT = "Spiculated margin"
 VISIBLE_MASK_PIXELS = 150  # a mask this big has an outline of more than 20 screen pixels
 
@@ -51,29 +50,14 @@ return {auto: window.Htx.autoAnnotation, accept: window.Htx.autoAcceptSuggestion
 """
 
 
-def keep(shot: Path, name: str) -> None:
-    if os.environ.get("MAMMO_UPDATE_SCREENSHOTS") == "1":
-        DOCS.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shot, DOCS / name)
-
-
 @pytest.fixture(scope="module")
 def reader(labelstudio_server, tmp_path_factory):
     """Headless Chromium, logged into the run's Label Studio as its reader (fresh profile)."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium") or shutil.which("chromium-browser")
-    profile = tmp_path_factory.mktemp("chrome-profile")
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--window-size=1600,1100",
-                 f"--user-data-dir={profile}", "--disable-dev-shm-usage"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    driver = headless_chrome(1600, 1100, profile=tmp_path_factory.mktemp("chrome-profile"))
     try:
         server = labelstudio_server
         wait = WebDriverWait(driver, 90)
@@ -264,7 +248,7 @@ def test_task_with_predictions_in_headless_chromium(labelstudio_server, reader, 
         chroma = inside.max(axis=-1) - inside.min(axis=-1)
         grey_fractions.append(float((chroma < 16).mean()))
     assert grey_fractions and min(grey_fractions) > 0.95, grey_fractions
-    keep(shot, "labelstudio_predictions.png")
+    keep_screenshot(shot, "labelstudio_predictions.png")
 
 
 def _roi_of_box(box: list[float], size: tuple[int, int]) -> np.ndarray:
@@ -340,7 +324,7 @@ def test_reader_draws_an_roi_box_and_gets_the_answer(labelstudio_server, reader,
     # and the most aligned unit (green, drawn see-through over the grey tissue)
     red, green, blue = drawn[..., 0], drawn[..., 1], drawn[..., 2]
     assert int(((green - red > 60) & (green - blue > 20)).sum()) > 20
-    keep(shot, "labelstudio_task.png")
+    keep_screenshot(shot, "labelstudio_task.png")
 
     # the reader names the concept and submits: the webhook labels the units with it, from this ROI
     typed = "Spiculated mass (browser)"
@@ -390,4 +374,4 @@ def test_patch_review_task_shows_the_patch_and_answers_a_box(labelstudio_server,
     assert any(r["label"] == lc.MOST_ALIGNED_LABEL for r in state["regions"])
     shot = tmp_path / "labelstudio_patch_review.png"
     reader.save_screenshot(str(shot))
-    keep(shot, "labelstudio_patch_review.png")
+    keep_screenshot(shot, "labelstudio_patch_review.png")

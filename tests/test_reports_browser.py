@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 
+from tests.fixtures.common import headless_chrome
 from tests.test_reports_numbers import ACTS, IOU, LAYER, MODEL, T
 from workspace.concepts import ConceptStore
 from workspace.reports import build_report, make_thumbnail
@@ -17,7 +18,6 @@ pytestmark = [pytest.mark.browser,
 
 def test_report_page_renders_bars_in_proportion(ws, tmp_path):
     import numpy as np
-    from selenium import webdriver
     from selenium.webdriver.common.by import By
 
     store = ConceptStore(ws)
@@ -30,11 +30,7 @@ def test_report_page_renders_bars_in_proportion(ws, tmp_path):
                           thumbnail=make_thumbnail(display, roi_mask=roi))
     page = report.save(tmp_path / "report.html")
 
-    options = webdriver.ChromeOptions()
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1000",
-                 "--disable-dev-shm-usage"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options)
+    driver = headless_chrome(1280, 1000)
     try:
         driver.get(page.as_uri())
         charts = driver.find_elements(By.CSS_SELECTOR, ".charts svg")
