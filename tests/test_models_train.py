@@ -165,3 +165,35 @@ def test_evaluation_uses_a_stored_operating_point_and_draws_a_roc(tmp_path):
     assert metrics["test"]["sensitivity"] == pytest.approx(loaded.meta["metrics"]["test"]["sensitivity"])
     png = plot_roc(tmp_path / "roc.png", outputs["labels"], outputs["scores"], metrics)
     assert png.stat().st_size > 10_000
+
+
+def test_batch_norm_folds_into_the_convolutions_without_changing_the_output():
+    from models.vgg import ConvBN, build_vgg, fold_batch_norm, with_batch_norm
+
+    torch.manual_seed(0)
+    model = with_batch_norm(build_vgg("vgg16_slim"))
+    x = torch.rand(6, 1, SIZE, SIZE)
+    model.train()
+    for _ in range(3):  # running statistics and affine parameters that are not the identity
+        model(x * torch.rand(1) + 0.2)
+    for layer in model.features:
+        if isinstance(layer, ConvBN):
+            layer.bn.weight.data.uniform_(0.5, 1.5)
+            layer.bn.bias.data.uniform_(-0.2, 0.2)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+        folded = fold_batch_norm(model)
+        after = folded(x)
+    assert not any(isinstance(layer, ConvBN) for layer in folded.features)
+    assert set(folded.state_dict()) == set(build_vgg("vgg16_slim").state_dict())  # plain VGG16 names
+    assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)
+
+
+def test_the_saved_model_is_plain_vgg_with_or_without_batch_norm(tmp_path):
+    data = blob_patches(60)
+    normed = train(data, Recipe(epochs=1, **QUICK), tmp_path / "bn", device="cpu")
+    plain = train(data, Recipe(epochs=1, batch_norm=False, **QUICK), tmp_path / "plain", device="cpu")
+    assert normed.meta["recipe"]["batch_norm"] is True and plain.meta["recipe"]["batch_norm"] is False
+    assert set(_weights(normed.path)) == set(_weights(plain.path))
+    assert not any("bn" in key or "running" in key for key in _weights(normed.path))

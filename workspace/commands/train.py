@@ -28,7 +28,8 @@ def _run(args: argparse.Namespace) -> int:
                     weight_decay=args.weight_decay, hflip_p=args.hflip, blur_p=args.blur,
                     blur_kernel=args.blur_kernel, blur_sigma=(args.blur_sigma[0], args.blur_sigma[1]),
                     normalisation={"mean": args.mean, "std": args.std}, seed=args.seed,
-                    operating_point_rule=args.operating_point, bootstrap=args.bootstrap)
+                    operating_point_rule=args.operating_point, bootstrap=args.bootstrap,
+                    batch_norm=not args.no_batch_norm)
     name = args.name or f"{args.arch}-{args.patch_set}"
     counts = data.split_counts()
     print(f"training {args.arch} on patch set {args.patch_set!r}: "
@@ -70,6 +71,9 @@ def add_parser(subparsers, parents) -> None:
     p.add_argument("--mean", type=float, default=0.5, help="normalisation mean")
     p.add_argument("--std", type=float, default=0.5, help="normalisation std")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-batch-norm", action="store_true",
+                   help="train the plain convolutions (default: batch norm while training, folded into the "
+                        "convolutions when the model is saved)")
     p.add_argument("--operating-point", default="youden",
                    help="rule on validation: youden, sensitivity:S or fixed:T")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CI")
