@@ -108,7 +108,8 @@ class PatientPlan:
 IMAGE_KEYS = ("LCC", "LMLO", "RCC", "RMLO")
 # Bump whenever the same (seed, patient) draws different pixels, so that a model's recorded split can
 # tell it was drawn by another generator (models.data.rebuild_recorded_split refuses it).
-GENERATOR_VERSION = 1
+# 1: the first generator; 2: denser malignant findings (2026-11-26, models/README.md "The synthetic task").
+GENERATOR_VERSION = 2
 
 
 def _finding_spec(rng: np.random.Generator, malignant: bool) -> FindingSpec:
@@ -117,8 +118,11 @@ def _finding_spec(rng: np.random.Generator, malignant: bool) -> FindingSpec:
                              p=[0.3, 0.3, 0.25, 0.15])
         size = {"circumscribed": rng.uniform(3.0, 9.0), "spiculated": rng.uniform(2.5, 6.0),
                 "calcification_cluster": rng.uniform(2.5, 7.0), "distortion": rng.uniform(6.0, 14.0)}[subtype]
-        contrast = {"circumscribed": rng.uniform(0.035, 0.085), "spiculated": rng.uniform(0.04, 0.09),
-                    "calcification_cluster": rng.uniform(0.05, 0.16), "distortion": rng.uniform(0.025, 0.05)}[subtype]
+        # Malignant findings are denser than the benign masses below ("high density" is a BI-RADS descriptor
+        # of suspicion) and stand out of dense tissue; with version 1's fainter ranges (0.035-0.085 for a
+        # circumscribed mass) a lesion in a dense breast could not be seen (models/README.md).
+        contrast = {"circumscribed": rng.uniform(0.09, 0.18), "spiculated": rng.uniform(0.1, 0.18),
+                    "calcification_cluster": rng.uniform(0.14, 0.28), "distortion": rng.uniform(0.06, 0.1)}[subtype]
     else:
         subtype = rng.choice(["benign_mass", "benign_calcifications", "vascular_calcification"], p=[0.45, 0.4, 0.15])
         size = {"benign_mass": rng.uniform(2.5, 6.0), "benign_calcifications": rng.uniform(0.4, 1.1),
