@@ -3,7 +3,7 @@
     .venv/bin/python bench/check_shortcut.py -w WORKSPACE [--model PATH|NAME] [--patch-set default]
         [--limit N] [--images 6] [--threads 2]
 
-Prints (the numbers of models/README.md, "Known weakness" and "Retrained without the cue"):
+Prints (the numbers of models/README.md, "No skin-line shortcut" and "History"):
 
 - the model's recorded facts: digest, operating point, recorded split counts, best epoch, training
   seconds, test AUC;

@@ -26,7 +26,7 @@ Recipe (Lu & Perer, following the data they used):
   Why not ``all`` by default: lesion patches follow their lesion, so those of lesions near the skin
   line reach into the dark background past it, while ``all`` never draws a normal patch there. A
   model trained on that set learned the shortcut "background in the patch => lesion" and flagged the
-  skin line of normal mammograms as suspicious (models/README.md, "Known weakness", measured with
+  skin line of normal mammograms as suspicious (models/README.md, "History", measured with
   ``bench/check_shortcut.py``). Drawing normal patches by the same centre rule gives both classes a
   like spread of tissue fractions, so the skin line is no cue (``tests/test_patches.py`` checks it).
   The minimum 0.25 only drops patches that are mostly background (a centre just inside a sharp
