@@ -37,3 +37,19 @@ def test_kill_pid_stops_everything_like_ctrl_c(ws, capsys):
     assert "stopped unexpectedly" not in capsys.readouterr().out
     assert not any(s.alive() for s in services)
     assert signal.getsignal(signal.SIGTERM) == previous  # the handler is given back
+
+
+def test_ctrl_c_stops_a_loop_that_started_with_sigint_ignored(ws, capsys):
+    # a process a shell starts in the background (`cmd &`) begins with SIGINT ignored; CI may run us so
+    services = _two_servers(ws)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    watchdog = threading.Timer(10, services[0].stop)  # a lost Ctrl-C ends the loop as a death (1), not a hang
+    try:
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+        watchdog.start()
+        assert serve_until_stopped(services, "serving", poll_s=0.1) == 0
+        assert not any(s.alive() for s in services)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # given back as it was
+    finally:
+        watchdog.cancel()
+        signal.signal(signal.SIGINT, before)

@@ -160,7 +160,10 @@ def serve_until_stopped(services: Sequence[Service], banner: str, poll_s: float 
     tail), then stop every service (last started first)."""
     print(banner)
     print("Ctrl-C stops everything.", flush=True)
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops the children too
+    # Ctrl-C and `kill PID` both stop the children. SIGINT is set too: a process started in the
+    # background by a shell (`cmd &`, nohup, some CI runners) begins with SIGINT ignored, and Python then
+    # leaves it ignored, so Ctrl-C (or a supervisor's SIGINT) would never reach this loop.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while True:
             dead = next((s for s in services if not s.alive()), None)
@@ -171,5 +174,6 @@ def serve_until_stopped(services: Sequence[Service], banner: str, poll_s: float 
     except KeyboardInterrupt:
         return 0
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         stop_all(services)
