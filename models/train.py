@@ -157,8 +157,9 @@ def _settle_batch_norm(model: torch.nn.Module, data: PatchData, positions: np.nd
         m.reset_running_stats()
         m.momentum = None  # a cumulative average over the batches below
     model.train()
+    body = getattr(model, "features", model)  # every batch norm is in the convolution stack: skip the head
     for start in range(0, len(positions), recipe.batch_size):
-        model(normalise(data.batch(positions[start:start + recipe.batch_size]), recipe.normalisation, device))
+        body(normalise(data.batch(positions[start:start + recipe.batch_size]), recipe.normalisation, device))
     for m in norms:
         m.momentum = 0.1
     model.eval()
