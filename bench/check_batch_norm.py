@@ -11,8 +11,8 @@ when saved (the default). ``--disc C`` first paints a disc of contrast C (radius
 centre of every lesion patch: a cue any working classifier finds at once, so a loss that stays at
 ln 2 = 0.693 there means the training does not work, whatever the data.
 
-Prints per epoch the training and validation loss of both, then both test AUCs (models/README.md,
-"Training from scratch").
+Prints per epoch the training and validation loss and the seconds of both, then both test AUCs
+(models/README.md, "Training: `mammo train`", the batch-norm bullet; bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -65,10 +65,10 @@ def main() -> int:
             results[name] = train(data, recipe, Path(tmp) / name.replace(" ", "_"), device="cpu")
     print(f"\npatch set {args.patch_set!r}, central {args.crop} px, disc contrast {args.disc}, "
           f"{args.epochs} epochs, batch 32, Adam 1e-4")
-    print(f"{'epoch':>5}  {'plain train':>11} {'plain val':>9}  {'bn train':>8} {'bn val':>7}")
+    print(f"{'epoch':>5}  {'plain train':>11} {'plain val':>9} {'s':>4}  {'bn train':>8} {'bn val':>7} {'s':>4}")
     for a, b in zip(results["plain"].history, results["batch norm"].history, strict=True):
-        print(f"{a['epoch']:>5}  {a['train_loss']:>11.4f} {a['val_loss']:>9.4f}  {b['train_loss']:>8.4f} "
-              f"{b['val_loss']:>7.4f}")
+        print(f"{a['epoch']:>5}  {a['train_loss']:>11.4f} {a['val_loss']:>9.4f} {a['seconds']:>4.0f}  "
+              f"{b['train_loss']:>8.4f} {b['val_loss']:>7.4f} {b['seconds']:>4.0f}")
     for name, result in results.items():
         test = result.meta["metrics"]["test"]
         print(f"{name}: test AUC {test['auc']:.3f} (95 % CI {test['auc_ci']['low']:.3f}-{test['auc_ci']['high']:.3f})")

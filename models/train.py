@@ -146,9 +146,11 @@ def _settle_batch_norm(model: torch.nn.Module, data: PatchData, positions: np.nd
     """Set every batch norm's running mean and variance to their exact values over ``positions`` (no
     augmentation) for the weights as they are now.
 
-    The usual running averages (momentum 0.1) trail weights that move every step: on the blob patches
-    of the tests they left an eval-mode validation loss of 4 while the training loss was 0.03; exact
-    statistics, recomputed once an epoch, give 0.0 (Wu & Johnson, "Rethinking batch in BatchNorm", 2021).
+    The usual running averages (momentum 0.1) trail weights that move every step, so the eval-mode network
+    is not the one that was trained: without this pass the blob model of
+    ``tests/test_models_train.py::test_training_learns_and_the_checkpoint_carries_its_recipe_and_metrics``
+    reaches a low training loss and a test AUC far below the asserted 0.9 (Wu & Johnson, "Rethinking
+    'batch' in BatchNorm", 2021).
     """
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     if not norms:

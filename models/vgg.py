@@ -132,8 +132,8 @@ class ConvBN(nn.Module):
     """A convolution followed by batch norm: what each ``features.N`` convolution is while training.
 
     Without ImageNet weights to start from, the 13 plain convolutions do not learn from a few hundred
-    patches (the loss stays at ln 2, even for a bright disc painted on every lesion patch); with batch
-    norm they do. :func:`fold_batch_norm` turns each back into one ``nn.Conv2d`` with the same output
+    patches (the loss stays near ln 2, even with a bright disc painted on every lesion patch:
+    ``bench/check_batch_norm.py``); with batch norm they do. :func:`fold_batch_norm` turns each back into one ``nn.Conv2d`` with the same output
     as the pair in eval mode, so saved models keep VGG16's plain layers and names.
     """
 

@@ -156,3 +156,13 @@ def test_a_missing_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ModelError, match="cannot read checkpoint"):
         load_checkpoint(bad)
+
+
+def test_the_slim_head_starts_with_he_weights_not_torchvisions_small_ones():
+    # N(0, 0.01) in a 128-wide head shrinks the signal ~10x per layer; He-normal keeps it (std sqrt(2 / fan_in))
+    torch.manual_seed(0)
+    head = [m for m in build_vgg("vgg16_slim").classifier if isinstance(m, nn.Linear)]
+    for layer in head:
+        assert layer.weight.std().item() == pytest.approx((2 / layer.in_features) ** 0.5, rel=0.15)
+    torchvision_style = build_vgg(replace(CONFIGS["vgg16_slim"], head_init="torchvision"))
+    assert torchvision_style.classifier[0].weight.std().item() == pytest.approx(0.01, rel=0.15)
