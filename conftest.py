@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.fixtures.importers",
     "tests.fixtures.fiftyone",
     "tests.fixtures.labelstudio",
+    "tests.fixtures.films",
 ]

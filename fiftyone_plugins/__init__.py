@@ -20,5 +20,10 @@ def dataset_names(prefix: str = DEFAULT_PREFIX) -> tuple[str, str]:
     return f"{prefix}-patches", f"{prefix}-neurons"
 
 
+def reads_dataset_name(prefix: str = DEFAULT_PREFIX) -> str:
+    """The reads dataset of a workspace: one sample per mammogram read by the run's model."""
+    return f"{prefix}-reads"
+
+
 def operator_uri(name: str) -> str:
     return f"{PLUGIN_NAME}/{name}"

@@ -54,6 +54,12 @@ def charts_for_sample(mc: Any, sample_id: str) -> dict | None:
     d = report.to_dict()
     title = (f"**Report: patch {sample['patch_id']}** of `{sample['image_id']}` at ({sample['x']}, {sample['y']}), "
              f"model score {sample['score']:.2f}")
+    warning = sample["domain_warning"] if sample.has_field("domain_warning") else None
+    if warning:
+        title += f"  \n**Warning:** {warning}"
+    card = mc.meta.get("model_card")
+    if card:
+        title += f"  \n_{card['summary']}_"
     if not d["concepts"]:
         return {"title": title + "  \nNo unit is labelled yet: label units on the map to see concept bars.",
                 "plots": [], "report": d}

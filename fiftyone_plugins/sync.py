@@ -7,15 +7,22 @@
   unit: ``view.sort_by(F("max_activations")[u], reverse=True)``), ``top_units`` (the 5 units most
   active relative to their threshold), ``activation`` (Heatmap of the most active unit's map) and
   ``unit_masks`` (Detections: one per unit that has this patch among its top-k, its thresholded
-  mask, attributes ``unit``, ``rank``, ``activation``).
+  mask, attributes ``unit``, ``rank``, ``activation``), ``outside_domain`` and ``domain_warning`` (the
+  patch's image against the model's training domain, :mod:`workspace.domain`).
 * **neurons** (``<prefix>-neurons``): one sample per unit. ``filepath`` is a montage of the unit's
   top-k patches (best first) with its mask outlined on each; fields ``unit``, ``pca`` ([x, y]),
   ``pca_x``, ``pca_y``, ``threshold``, ``top_patch_ids``, ``top_activations``, ``lesion_share``
   (lesion patches among the top-k) and ``concept`` (Classification copied from the concept store).
+* **reads** (``<prefix>-reads``): one sample per mammogram the run's model has read (``mammo read``, the
+  backend); ``filepath`` is the display image; fields ``image_id``, ``dataset``, ``laterality``, ``view``,
+  ``score`` and ``prediction`` (the image's P(possibly malignant)), ``suspicious`` (Detections: the
+  patches at or above the operating point, with their scores), ``n_patches``, ``n_suspicious``,
+  ``outside_domain`` and ``domain_warning``. Rebuilt whenever the set of reads changes.
 
 The concept store stays the source of truth: :func:`refresh_concepts` copies its labels into the
 neurons dataset, writing only samples whose concept changed. Both datasets record the workspace,
-run and dataset names in ``info["mammo"]``; a second :func:`sync` of the same run writes nothing.
+run and dataset names and the model card in ``info["mammo"]`` (the card's summary is also the datasets'
+description); a second :func:`sync` of the same run writes nothing.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from fiftyone_plugins import DEFAULT_PREFIX, dataset_names, media
+from fiftyone_plugins import DEFAULT_PREFIX, dataset_names, media, reads_dataset_name
 from workspace.config import Workspace
 from workspace.errors import MammoError
 from workspace.progress import progress
@@ -55,6 +62,8 @@ class SyncSummary:
     patches_written: int
     neurons_written: int
     concepts_changed: int
+    reads_dataset: str | None = None
+    reads_written: int = 0
 
 
 # ------------------------------------------------------------------------------ the model's outputs
@@ -93,6 +102,8 @@ def model_reader(ws: Workspace, run: Any, loaded: Any = None, batch_size: int = 
             yield chunk, scores, tap.output.float().cpu().numpy()
 
     read.operating_point = loaded.operating_point  # type: ignore[attr-defined]
+    read.model_card = loaded.card.to_dict()  # type: ignore[attr-defined]
+    read.training_domain = loaded.meta.get("training_domain")  # type: ignore[attr-defined]
     return read
 
 
@@ -128,19 +139,79 @@ def sync_with_summary(ws: Workspace, run: Any, *, prefix: str = DEFAULT_PREFIX, 
     if not fresh:
         reader = reader or model_reader(ws, run, loaded)
         operating_point = float(getattr(reader, "operating_point", DEFAULT_OPERATING_POINT))
-        patch_samples, unit_media = _build_patch_samples(fo, ws, run, rows, reader, operating_point)
+        card = getattr(reader, "model_card", None)
+        domains = _image_domains(ws, rows, getattr(reader, "training_domain", None))
+        patch_samples, unit_media = _build_patch_samples(fo, ws, run, rows, reader, operating_point, domains)
         neuron_samples = _build_neuron_samples(fo, ws, run, rows, unit_media)
         for ds, samples, kind in ((patches_ds, patch_samples, "patches"), (neurons_ds, neuron_samples, "neurons")):
             ds.clear()
             ds.add_samples(samples, progress=False)
-            ds.info["mammo"] = dict(meta, kind=kind)
+            ds.info["mammo"] = dict(meta, kind=kind, model_card=card)
+            if card:
+                ds.description = card["summary"]  # the App shows it on the dataset
             ds.save()
         patches_ds.add_dynamic_sample_fields()   # unit/rank of the masks: filterable in the sidebar
         _patches_look(fo, patches_ds)
         written_p, written_n = len(patch_samples), len(neuron_samples)
     changed = refresh_concepts(ws, neurons_ds)
-    summary = SyncSummary(patches_name, neurons_name, written_p, written_n, changed)
+    reads_name, written_r = sync_reads(ws, run, prefix=prefix, loaded=loaded)
+    summary = SyncSummary(patches_name, neurons_name, written_p, written_n, changed, reads_name, written_r)
     return patches_ds, neurons_ds, summary
+
+
+def sync_reads(ws: Workspace, run: Any, *, prefix: str = DEFAULT_PREFIX, loaded: Any = None) -> tuple[str | None, int]:
+    """Build (or leave as it is) the reads dataset of the run's model; ``(name or None, samples written)``.
+    Nothing is made while the model has read no image."""
+    import fiftyone as fo
+
+    from workspace.catalog import open_catalog
+
+    db = open_catalog(ws)
+    try:
+        reads = [dict(r) for r in db.query(
+            "SELECT images.*, image_reads.created_at AS read_at FROM image_reads JOIN images "
+            "USING (image_id) WHERE image_reads.model_digest = ? ORDER BY image_reads.image_id", [run.model_digest])]
+    finally:
+        db.conn.close()
+    if not reads:
+        return None, 0
+    name = reads_dataset_name(prefix)
+    signature = hashlib.sha1(json.dumps([[r["image_id"], r["read_at"]] for r in reads]).encode()).hexdigest()[:16]
+    ds = _open(fo, name)
+    if _meta(ds).get("signature") == signature and len(ds) == len(reads):
+        return name, 0
+    from models.inference import read_mammogram
+    from workspace.domain import domain_of
+    from workspace.ingest import resolve_path
+
+    if loaded is None:
+        from workspace.reports import model_of_run
+
+        loaded = model_of_run(ws, run)
+    card, profile = loaded.card, loaded.meta.get("training_domain")
+    samples = []
+    for row in progress(reads, desc="fiftyone: reads", unit="image"):
+        read = read_mammogram(ws, row["image_id"], loaded, keep_maps=False)
+        width, height = int(row["cols"]), int(row["rows"])
+        domain = domain_of(ws, row, profile)
+        detections = [fo.Detection(label="suspicious", confidence=float(read.scores[i]),
+                                   bounding_box=[x / width, y / height, w / width, h / height])
+                      for i in read.suspicious for x, y, w, h in [[int(v) for v in read.boxes[i]]]]
+        score = read.image_score
+        samples.append(fo.Sample(
+            filepath=str(resolve_path(ws, row["display_path"])), image_id=row["image_id"], dataset=row["dataset"],
+            laterality=row.get("laterality"), view=row.get("view"), score=score,
+            prediction=fo.Classification(label="possibly malignant" if score >= read.operating_point else "normal",
+                                         confidence=score),
+            suspicious=fo.Detections(detections=detections), n_patches=int(len(read.scores)),
+            n_suspicious=int(len(read.suspicious)), outside_domain=domain.outside, domain_warning=domain.warning()))
+    ds.clear()
+    ds.add_samples(samples, progress=False)
+    ds.info["mammo"] = {"workspace": str(ws.root), "run_id": run.run_id, "model_digest": run.model_digest,
+                        "kind": "reads", "signature": signature, "model_card": card.to_dict()}
+    ds.description = card.summary()
+    ds.save()
+    return name, len(samples)
 
 
 def _patches_look(fo: Any, ds: Any) -> None:
@@ -224,8 +295,21 @@ def _unit_masks(maps: np.ndarray, thresholds: np.ndarray, size: int) -> np.ndarr
     return masks.numpy() if hasattr(masks, "numpy") else np.asarray(masks)
 
 
+def _image_domains(ws: Workspace, rows: list[dict], profile: dict | None) -> dict[str, Any]:
+    """image_id -> the domain verdict of the run's images against the model's training domain."""
+    from workspace.catalog import open_catalog
+    from workspace.domain import domain_of
+
+    db = open_catalog(ws)
+    try:
+        ids = sorted({r["image_id"] for r in rows})
+        return {i: domain_of(ws, dict(db["images"].get(i)), profile, db=db) for i in ids}
+    finally:
+        db.conn.close()
+
+
 def _build_patch_samples(fo: Any, ws: Workspace, run: Any, rows: list[dict], reader: Reader,
-                         operating_point: float):
+                         operating_point: float, domains: dict[str, Any]):
     acts = np.asarray(run.max_activations, dtype=np.float32)
     relative = _relative(run)
     thresholds = np.asarray(run.thresholds, dtype=np.float32)
@@ -258,6 +342,7 @@ def _build_patch_samples(fo: Any, ws: Workspace, run: Any, rows: list[dict], rea
             heat = maps[b, best]
             top = np.argsort(-relative[:, col], kind="stable")[:N_TOP_UNITS]
             score = float(scores[b])
+            domain = domains.get(row["image_id"])
             sample = fo.Sample(
                 filepath=row["thumb_abs"], patch_id=int(p), image_id=row["image_id"], x=int(row["x"]),
                 y=int(row["y"]), size=int(row["size"]), split=row["split"], array_index=int(row["array_index"]),
@@ -267,7 +352,8 @@ def _build_patch_samples(fo: Any, ws: Workspace, run: Any, rows: list[dict], rea
                 score=score, max_activations=[float(v) for v in acts[:, col]],
                 top_units=[int(u) for u in top],
                 activation=fo.Heatmap(map=_heat_u8(heat, thresholds[best]), range=[0, 255], unit=best),
-                unit_masks=fo.Detections(detections=detections))
+                unit_masks=fo.Detections(detections=detections),
+                outside_domain=bool(domain and domain.outside), domain_warning=domain.warning() if domain else None)
             samples.append(sample)
             bar.update(1)
     bar.close()

@@ -117,6 +117,7 @@ class Backend:
         from workspace.dissection import DEFAULT_IOU_THRESHOLD
         self.iou_threshold = float(manifest.get("iou_threshold", DEFAULT_IOU_THRESHOLD))
         self.model_version = model_version(self.loaded, self.run)
+        self.card = self.loaded.card
         self._reads = _Lru(16)
         self._images = _Lru(256)
         self._activations = _Lru(64)
@@ -249,12 +250,13 @@ class Backend:
         scores = np.asarray(read.scores, dtype=np.float64)
         op = self.loaded.operating_point
         result: list[dict] = []
+        caveat = " (image outside the model's training domain)" if read.domain and read.domain.outside else ""
         if info.kind == lc.SCREENING:
             suspicious = [int(i) for i in np.asarray(read.suspicious).ravel()]
             for i in suspicious:
                 result.append(pr.rectangle(boxes[i], width, height, label=lc.SUSPICIOUS_LABEL, to_name="image",
                                            score=scores[i], rid=f"p{i}-{pr.region_id(image_id, i)[:6]}",
-                                           text=f"P(possibly malignant) = {scores[i]:.2f}"))
+                                           text=f"P(possibly malignant) = {scores[i]:.2f}{caveat}"))
             result.append(pr.assessment(float(read.image_score), op, to_name="image"))
             index = int(np.argmax(scores)) if len(scores) else None
             score = float(read.image_score)
@@ -303,7 +305,7 @@ class Backend:
         return build_report(acts, self.thresholds, labels, iou=iou, aligned=aligned,
                             iou_threshold=self.iou_threshold, image_id=image_id, patch_box=patch_box,
                             model_digest=self.run.model_digest, layer=self.run.layer, run_id=self.run.run_id,
-                            query_id=query_id, roi=roi)
+                            query_id=query_id, roi=roi, read=self.read(image_id), card=self.card)
 
     # -- interactive ROI ---------------------------------------------------------------------
     def query(self, task: dict, info: lc.ConfigInfo, results: list | None) -> dict:

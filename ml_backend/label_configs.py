@@ -83,6 +83,7 @@ _CONCEPT_PANEL = """
 
 _MODEL_PANEL = """
     <Header value="{model_title}" size="5"/>
+    <Header value="$model_card" size="6"/>
     <Choices name="assessment" toName="{target}" choice="single" showInline="true">
       <Choice value="{positive}"/>
       <Choice value="{negative}"/>

@@ -111,10 +111,10 @@ def _title(row: dict) -> str:
     return f"{row['image_id']} · {side}" if side else row["image_id"]
 
 
-def screening_task(row: dict, display: Path, document_root: Path, concepts: list[dict]) -> dict:
+def screening_task(row: dict, display: Path, document_root: Path, concepts: list[dict], model_card: str = "") -> dict:
     return {"image": local_files_url(display, document_root), "image_id": row["image_id"],
             "laterality": row.get("laterality"), "view": row.get("view"), "title": _title(row),
-            "concepts": concepts}
+            "concepts": concepts, "model_card": model_card}
 
 
 def write_review_images(ws: Workspace, row: dict, box: list[int]) -> tuple[Path, Path]:
@@ -143,7 +143,8 @@ def write_review_images(ws: Workspace, row: dict, box: list[int]) -> tuple[Path,
     return patch_path, context_path
 
 
-def review_tasks(ws: Workspace, row: dict, read: Any, document_root: Path, concepts: list[dict]) -> list[dict]:
+def review_tasks(ws: Workspace, row: dict, read: Any, document_root: Path, concepts: list[dict],
+                 model_card: str = "") -> list[dict]:
     tasks = []
     scores = np.asarray(read.scores, dtype=np.float64)
     for i in np.asarray(read.suspicious).ravel():
@@ -154,7 +155,7 @@ def review_tasks(ws: Workspace, row: dict, read: Any, document_root: Path, conce
                       "image_id": row["image_id"], "box": box, "score": round(score, 4),
                       "laterality": row.get("laterality"), "view": row.get("view"),
                       "title": f"{_title(row)} · patch at ({box[0]}, {box[1]}) · P(possibly malignant) = {score:.2f}",
-                      "concepts": concepts})
+                      "concepts": concepts, "model_card": model_card})
     return tasks
 
 
@@ -282,6 +283,7 @@ def provision(ws: Workspace, server: LabelStudioServer, *, backend_url: str,
     if loaded is None or run is None:
         loaded, run = load_model_and_run(ws)
     version = model_version(loaded, run)
+    card = loaded.card.summary()  # shown on every task beside the model's scores
     client = server.client()
     concepts = _concept_choices(ws)
     rows = _image_rows(ws, image_ids)
@@ -298,7 +300,7 @@ def provision(ws: Workspace, server: LabelStudioServer, *, backend_url: str,
                 result.skipped.append(f"{row['image_id']}: no display image ({display})")
                 continue
             if kind == lc.SCREENING:
-                wanted.append(screening_task(row, display, document_root, concepts))
+                wanted.append(screening_task(row, display, document_root, concepts, card))
             else:
                 from models.inference import read_mammogram
 
@@ -307,14 +309,15 @@ def provision(ws: Workspace, server: LabelStudioServer, *, backend_url: str,
                 except MammoError as error:
                     result.skipped.append(f"{row['image_id']}: {error}")
                     continue
-                wanted.extend(review_tasks(ws, row, read, document_root, concepts))
+                wanted.extend(review_tasks(ws, row, read, document_root, concepts, card))
         new = [t for t in wanted if _task_key(kind, t) not in existing]
         if new:
             client.projects.import_tasks(id=project.id, request=new, commit_to_project=True, return_task_ids=True)
-        for task_data in wanted:  # keep the offered concepts current on tasks made earlier
+        for task_data in wanted:  # keep the offered concepts and the model card current on tasks made earlier
             task = existing.get(_task_key(kind, task_data))
-            if task is not None and (task.data or {}).get("concepts") != concepts:
-                client.tasks.update(id=str(task.id), data={**task.data, "concepts": concepts})
+            current = task.data or {} if task is not None else {}
+            if task is not None and (current.get("concepts"), current.get("model_card")) != (concepts, card):
+                client.tasks.update(id=str(task.id), data={**current, "concepts": concepts, "model_card": card})
         ml_id = webhook_id = None
         if connect_backend:
             ml_id = _ensure_backend(client, project.id, backend_url, backend_auth)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.card import ModelCard, with_card
 from models.device import pick_device
 from models.features import get_layer
 from models.vgg import ARCHITECTURES, CLASS_NAMES, DISSECTED_LAYER, build_vgg
@@ -69,6 +70,11 @@ class LoadedModel:
     @property
     def input_size(self) -> int:
         return int(self.meta.get("input_size", DEFAULT_INPUT_SIZE))
+
+    @property
+    def card(self) -> ModelCard:
+        """What the model was trained on and how well it did: shown beside every score."""
+        return ModelCard.from_meta(self.meta, fallback_name=self.path.stem)
 
     @property
     def operating_point(self) -> float:
@@ -226,6 +232,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None =
         except RuntimeError as error:
             raise ModelError(f"{path} does not fit {arch}: {str(error).splitlines()[0]}") from None
         info = base_meta(arch, in_channels=in_channels)
+    digest = file_digest(path)
+    info = with_card(info, path, digest)
     if layer:
         info["dissected_layer"] = layer
     if meta:
@@ -233,7 +241,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None =
     get_layer(model, info["dissected_layer"])  # a clear error now rather than at dissection time
     device = torch.device(device) if device is not None else pick_device()
     model = model.to(device).to(memory_format=torch.channels_last).eval()
-    return LoadedModel(model=model, meta=info, digest=file_digest(path), path=path.resolve(), device=device)
+    return LoadedModel(model=model, meta=info, digest=digest, path=path.resolve(), device=device)
 
 
 def resolve_model_path(ws: Any, spec: str | os.PathLike | None) -> Path:

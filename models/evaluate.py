@@ -241,9 +241,10 @@ def reproduce_recorded_test(loaded: Any, *, n_resamples: int = DEFAULT_BOOTSTRAP
                             folder: str | Path | None = None, tolerance: float = 1e-3) -> dict:
     """Redraw the checkpoint's recorded synthetic test patches and evaluate at its stored operating point.
 
-    Returns the metrics, the recorded and reproduced test AUC, whether the redrawn pixels are identical
-    (``pixels_match``) and whether the AUC is reproduced within ``tolerance`` (``reproduced``)."""
-    from models.data import pixel_digest, rebuild_recorded_split
+    Returns the metrics, the recorded and reproduced test AUC, how the redrawn pixels compare with the
+    recorded ones (``pixels``: :func:`models.data.compare_to_recorded`; ``pixels_match`` is its
+    ``accepted``) and whether the AUC is reproduced within ``tolerance`` (``reproduced``)."""
+    from models.data import compare_to_recorded, rebuild_recorded_split
 
     recorded = (loaded.meta.get("data") or {}).get("recorded_test")
     if not recorded:
@@ -258,8 +259,9 @@ def reproduce_recorded_test(loaded: Any, *, n_resamples: int = DEFAULT_BOOTSTRAP
                               n_resamples=n_resamples, seed=seed)
     recorded_auc = float(loaded.meta["metrics"]["test"]["auc"])
     auc = metrics["test"]["auc"]
-    return {"metrics": metrics, "auc": auc, "recorded_auc": recorded_auc,
-            "pixels_match": pixel_digest(data, positions) == recorded["pixel_digest"],
+    pixels = compare_to_recorded(data, positions, recorded)
+    return {"metrics": metrics, "auc": auc, "recorded_auc": recorded_auc, "pixels": pixels,
+            "pixels_match": pixels["accepted"],
             "reproduced": abs(auc - recorded_auc) <= tolerance, "scores": scores, "labels": labels}
 
 

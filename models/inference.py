@@ -10,7 +10,8 @@ the checkpoint's operating point (chosen on validation). The image score is the 
 The dissected layer's maps of each patch are kept (float16, ``(N, units, h, w)``) so ROI queries need
 no second forward pass. A read is cached per (image, model digest, stride) under ``ws.reads_dir``:
 ``<digest>/<image_id>[__s<stride>].npz`` (boxes, scores, metadata) and ``...maps.npy`` (memory-mapped
-on load), and recorded in the catalog table ``image_reads``.
+on load), and recorded in the catalog table ``image_reads``. Each read carries the verdict of the domain
+check (:mod:`workspace.domain`) of its image against the model's training domain (``read.domain``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from models.checkpoint import LoadedModel, malignant_probability, register_model
 from models.features import capture
 from workspace.catalog import get_image, open_catalog
 from workspace.config import Workspace
+from workspace.domain import DomainVerdict, domain_of
 from workspace.errors import CatalogError, MammoError, ModelError
 from workspace.progress import progress
 from workspace.schema import utc_now
@@ -55,6 +57,7 @@ class MammogramRead:
     cache_path: Path
     cached: bool
     seconds: float
+    domain: DomainVerdict | None = None  # the image against the reading model's training domain
 
     @property
     def image_score(self) -> float:
@@ -199,15 +202,19 @@ def read_mammogram(ws: Workspace, image_id: str, loaded: LoadedModel, *, stride:
                          f"{size} x {size} patch")
     npz_path, maps_path = _cache_paths(ws, image_id, loaded.digest, stride, size)
     hit = _load_cached(npz_path, maps_path, keep_maps, min_tissue)
+    profile = loaded.meta.get("training_domain")
     if hit is not None:
         return MammogramRead(image_id=image_id, model_digest=loaded.digest, layer=hit["meta"]["layer"],
                              shape=(rows, cols), size=size, stride=stride, boxes=hit["boxes"],
                              scores=hit["scores"], maps=hit["maps"],
                              operating_point=float(hit["meta"]["operating_point"]), cache_path=npz_path,
-                             cached=True, seconds=time.perf_counter() - started)
+                             cached=True, seconds=time.perf_counter() - started,
+                             domain=domain_of(ws, row, profile, db=db))
 
     pixels = _load_pixels(ws, row)
-    boxes = tissue_grid(_foreground(ws, row, pixels), size, stride, min_tissue)
+    foreground = _foreground(ws, row, pixels)
+    domain = domain_of(ws, row, profile, db=db, pixels=pixels, foreground=foreground)
+    boxes = tissue_grid(foreground, size, stride, min_tissue)
     scores, maps = score_grid(loaded, pixels, boxes, keep_maps=keep_maps, batch_size=batch_size, desc=image_id)
     if keep_maps and maps is None:  # no tissue patch: an empty map array of the right rank
         maps = np.zeros((0, 0, 0, 0), dtype=np.float16)
@@ -221,7 +228,7 @@ def read_mammogram(ws: Workspace, image_id: str, loaded: LoadedModel, *, stride:
     read = MammogramRead(image_id=image_id, model_digest=loaded.digest, layer=loaded.dissected_layer,
                          shape=(rows, cols), size=size, stride=stride, boxes=boxes, scores=scores, maps=maps,
                          operating_point=loaded.operating_point, cache_path=npz_path, cached=False,
-                         seconds=time.perf_counter() - started)
+                         seconds=time.perf_counter() - started, domain=domain)
     register_model(db, loaded)
     db["image_reads"].upsert({
         "image_id": image_id, "model_digest": loaded.digest, "score": read.image_score,

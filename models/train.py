@@ -43,6 +43,7 @@ from models.evaluate import DEFAULT_BOOTSTRAP, DEFAULT_RULE, evaluate_model, plo
 from models.vgg import build_vgg, fold_batch_norm, with_batch_norm
 from workspace.errors import ModelError
 from workspace.progress import progress
+from workspace.schema import utc_now
 
 PAPER_EPOCHS = 50
 SLIM_CPU_EPOCHS = 20
@@ -179,8 +180,10 @@ def _comparable(recipe_dict: dict) -> dict:
 
 
 def train(data: PatchData, recipe: Recipe, out_dir: str | os.PathLike, *, device: str | torch.device | None = None,
-          restart: bool = False, name: str | None = None) -> TrainResult:
-    """Train (or continue training) ``recipe.arch`` on ``data``; write ``out_dir/model.pt``."""
+          restart: bool = False, name: str | None = None, training_domain: dict | None = None) -> TrainResult:
+    """Train (or continue training) ``recipe.arch`` on ``data``; write ``out_dir/model.pt``.
+    ``training_domain``: the profile of the training images (:func:`workspace.domain.domain_profile`),
+    kept in the checkpoint for the domain check of every later read."""
     device = pick_device(device)
     recipe = recipe.resolved(device)
     out_dir = Path(out_dir)
@@ -272,6 +275,8 @@ def train(data: PatchData, recipe: Recipe, out_dir: str | os.PathLike, *, device
                    "schedule_note": (f"vgg16_slim on a CPU defaults to {SLIM_CPU_EPOCHS} epochs instead of the "
                                      f"paper's {PAPER_EPOCHS}" if recipe.epochs == SLIM_CPU_EPOCHS and
                                      recipe.arch == "vgg16_slim" else "")},
+        "trained": utc_now(),
+        "training_domain": training_domain,
         "data_digest": data.digest,
         "data": {**data.info, "recorded_test": data.recorded_split("test")},
         "split": data.split_counts(),

@@ -1,5 +1,5 @@
 """`mammo train` / `mammo evaluate` / `mammo read` on a real (small) synthetic cohort and patch set,
-and the recorded test split being redrawn pixel for pixel from the generator."""
+and the recorded test split being redrawn from the generator."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from models.checkpoint import load_checkpoint
-from models.data import PatchData, pixel_digest, rebuild_recorded_split
+from models.data import PatchData, compare_to_recorded, rebuild_recorded_split
 from workspace.catalog import open_catalog
 from workspace.cli import main
 from workspace.config import Workspace
@@ -78,11 +78,14 @@ def test_the_recorded_test_split_is_redrawn_pixel_for_pixel(cohort, tmp_path, ca
     data = PatchData.from_patch_set(ws, "small")
     recorded = data.recorded_split("test")
     rebuilt = rebuild_recorded_split(recorded, birads0_fraction=0.8, folder=tmp_path)
-    assert pixel_digest(rebuilt, np.arange(len(rebuilt))) == recorded["pixel_digest"]
+    same = compare_to_recorded(rebuilt, np.arange(len(rebuilt)), recorded)
+    # the same machine in the same process: bit for bit; elsewhere the fingerprint rule decides
+    assert same["bit_identical"] and same["accepted"] and same["max_block_difference"] == 0
     np.testing.assert_array_equal(rebuilt.labels, data.labels[data.indices("test")])
     different = dict(recorded, patches=[[p, k, x + 1, y, lab] for p, k, x, y, lab in recorded["patches"]])
     moved = rebuild_recorded_split(different, birads0_fraction=0.8, folder=tmp_path)
-    assert pixel_digest(moved, np.arange(len(moved))) != recorded["pixel_digest"]
+    shifted = compare_to_recorded(moved, np.arange(len(moved)), recorded)
+    assert not shifted["accepted"] and shifted["max_block_difference"] > 1  # one pixel over is a real change
     # a split recorded by another generator is refused with a reason, not redrawn with other pixels
     assert recorded["generator_version"] == GENERATOR_VERSION
     other = dict(recorded, generator_version=GENERATOR_VERSION + 1)

@@ -2,7 +2,9 @@
 
 The recorded test split is redrawn from the synthetic generator (patient k depends only on (seed, k);
 only the images holding a test patch are drawn, written as DICOM and read back), then scored at the
-stored operating point.
+stored operating point. "Reproduced" means what models/README.md says: the redrawn pixels pass the
+fingerprint rule (not bit equality: the generator's float32 maths takes CPU-specific SIMD paths), the test
+AUC is within 1e-3 and sensitivity and specificity are within one patch of the recorded ones.
 """
 
 from __future__ import annotations
@@ -38,9 +40,13 @@ def test_shipped_weights_are_small_and_fully_described():
 def test_shipped_weights_reproduce_their_recorded_test_auc(tmp_path):
     loaded = load_checkpoint(SHIPPED_DEMO, "cpu")
     result = reproduce_recorded_test(loaded, n_resamples=200, folder=tmp_path)
-    assert result["pixels_match"], ("the synthetic generator no longer draws the recorded test patches: retrain "
-                                    "the demo model with the command in models/README.md")
+    assert result["pixels"]["rule"].startswith("every 32 x 32 block")  # the card's fingerprint, not the digest
+    assert result["pixels_match"], ("the synthetic generator no longer draws the recorded test patches "
+                                    f"({result['pixels']}): retrain the demo model (models/README.md)")
     assert result["auc"] == pytest.approx(result["recorded_auc"], abs=1e-3)
     recorded = loaded.meta["metrics"]["test"]
-    assert result["metrics"]["test"]["sensitivity"] == pytest.approx(recorded["sensitivity"], abs=1e-9)
-    assert result["metrics"]["test"]["specificity"] == pytest.approx(recorded["specificity"], abs=1e-9)
+    n_lesion = recorded["n_positive"]
+    n_normal = recorded["n_patches"] - n_lesion
+    # a patch whose score sits on the operating point may fall either side on another CPU: one patch at most
+    assert result["metrics"]["test"]["sensitivity"] == pytest.approx(recorded["sensitivity"], abs=1 / n_lesion + 1e-9)
+    assert result["metrics"]["test"]["specificity"] == pytest.approx(recorded["specificity"], abs=1 / n_normal + 1e-9)

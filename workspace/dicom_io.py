@@ -30,6 +30,7 @@ Writing: :func:`grayscale_dataset` and :func:`save_dicom` are the one way the co
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Mapping
@@ -41,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from workspace.errors import DicomReadError
+from workspace.view_text import TEXT_ATTRIBUTES, infer_view_laterality
 
 PATCH_SIZE = 512
 """The patch side of the paper: an image smaller than this in either direction has no patch."""
@@ -240,17 +242,34 @@ def downsample_mean(image: np.ndarray, factor: int) -> np.ndarray:
     return padded.reshape(r, factor, c, factor).mean(axis=(1, 3))
 
 
+_STRIP_MAX_DEPTH = 0.15
+"""A run from an image edge at most this fraction of the image's smaller side deep is thin (a strip)."""
+
+_STRIP_MIN_COVER = 1 / 3
+"""An image is a scanned film when thin runs cover at least this fraction of one of its edges."""
+
+
 def foreground_mask(display_u8: np.ndarray, downsample: int = FOREGROUND_DOWNSAMPLE) -> np.ndarray:
-    """The breast: Otsu threshold on the downsampled windowed image, largest connected component, holes
-    filled. Returns a bool array of shape ``(ceil(rows / downsample), ceil(cols / downsample))``; all False
-    for a blank image."""
+    """The breast, on the downsampled windowed image: threshold, largest connected component, holes filled.
+
+    The threshold is Otsu's, except on a scanned film, recognised by its border strips (thin bright
+    bands along an image edge, :func:`_edge_strips`): there Otsu falls between fat and dense tissue, so
+    the threshold sits just above the film background (:func:`_background_threshold`), which puts the
+    mask edge on the skin line, and the strips are removed before the largest component is taken.
+    Burned-in labels and markers are components of their own and stay out. Returns a bool array of
+    shape ``(ceil(rows / downsample), ceil(cols / downsample))``; all False for a blank image."""
     from scipy import ndimage
     from skimage.filters import threshold_otsu
 
     small = downsample_mean(np.asarray(display_u8, dtype=np.float32), downsample)
     if float(small.max()) - float(small.min()) < 1.0:
         return np.zeros(small.shape, dtype=bool)
-    mask = small > threshold_otsu(small)
+    otsu = float(threshold_otsu(small))
+    mask = small > otsu
+    outline = small > _background_threshold(small, otsu)
+    strips = _edge_strips(outline)
+    if strips is not None:
+        mask = outline & ~strips
     labels, n = ndimage.label(mask)
     if n == 0:
         return np.zeros(small.shape, dtype=bool)
@@ -258,6 +277,43 @@ def foreground_mask(display_u8: np.ndarray, downsample: int = FOREGROUND_DOWNSAM
     sizes[0] = 0
     mask = labels == int(np.argmax(sizes))
     return ndimage.binary_fill_holes(mask)
+
+
+def _background_threshold(small: np.ndarray, otsu: float) -> float:
+    """Just above the background: its level (the most common value of the dark class) plus the larger of
+    3 robust noise sigmas, 2 display levels and 5% of the way to Otsu's threshold."""
+    dark = small[small <= otsu]
+    level = float(np.argmax(np.bincount(np.rint(np.maximum(dark, 0)).astype(np.int64))))
+    near = dark[np.abs(dark - level) < max((otsu - level) / 4, 1.0)]
+    sigma = 1.4826 * float(np.median(np.abs(near - level))) if near.size else 0.0
+    return level + max(3 * sigma, 2.0, 0.05 * (otsu - level))
+
+
+def _edge_strips(mask: np.ndarray) -> np.ndarray | None:
+    """The border strips of a scanned film in ``mask`` (bool, True where they are), or None when no edge
+    carries one (the image is not a film).
+
+    Along each edge, every line across it has a run of foreground starting at the edge; a run at most
+    :data:`_STRIP_MAX_DEPTH` of the smaller side deep is thin. An edge where thin runs cover
+    :data:`_STRIP_MIN_COVER` of the lines carries a strip. The strip depth of an edge is the median thin
+    run: runs up to 1.3 times that (+2 pixels) are removed whole, deeper runs (the breast, which reaches the
+    chest-wall edge and, in an MLO, the top) are kept whole."""
+    max_depth = max(2, int(round(_STRIP_MAX_DEPTH * min(mask.shape))))
+    strips = np.zeros(mask.shape, dtype=bool)
+    film = False
+    # Each view puts one edge at column 0; writing through the same view of `strips` maps back.
+    for view, out in ((mask, strips), (mask[:, ::-1], strips[:, ::-1]),
+                      (mask.T, strips.T), (mask[::-1].T, strips[::-1].T)):
+        background = ~view
+        runs = np.where(background.any(axis=1), background.argmax(axis=1), view.shape[1])
+        thin = (runs > 0) & (runs <= max_depth)
+        if not thin.any():
+            continue
+        film = film or float(thin.mean()) >= _STRIP_MIN_COVER
+        cut = min(max_depth, int(np.ceil(1.3 * float(np.median(runs[thin])))) + 2)
+        removed = (runs > 0) & (runs <= cut)
+        out |= removed[:, None] & (np.arange(view.shape[1])[None, :] < runs[:, None])
+    return strips if film else None
 
 
 def upsample_mask(mask: np.ndarray, rows: int, cols: int) -> np.ndarray:
@@ -289,7 +345,10 @@ class DicomImage:
     """One mammogram read from a DICOM file. Pixel accessors return NORMALISED orientation arrays.
 
     Header fields are plain attributes; :attr:`meta` holds the ones the catalog's ``images`` table keeps;
-    :attr:`patient` holds the identifiers (they go to the ``patients`` table only).
+    :attr:`patient` holds the identifiers (they go to the ``patients`` table only). A ``view`` or
+    ``laterality`` the header lacks may be read from the file's text (:mod:`workspace.view_text`);
+    :attr:`inferred` then says where from, e.g. ``{"view": "PatientID (CBIS-DDSM naming)"}`` (attribute
+    names only, never their values).
     """
 
     path: Path
@@ -316,6 +375,7 @@ class DicomImage:
     flip_horizontal: bool = False
     flip_vertical: bool = False
     warnings: list[str] = field(default_factory=list)
+    inferred: dict[str, str] = field(default_factory=dict)
     _ds: Any = field(default=None, repr=False)
     _stored: np.ndarray | None = field(default=None, repr=False)
 
@@ -431,6 +491,7 @@ class DicomImage:
             "voi_function": self.voi_function,
             "flip_horizontal": int(self.flip_horizontal),
             "flip_vertical": int(self.flip_vertical),
+            "inferred": json.dumps(self.inferred, sort_keys=True) if self.inferred else None,
         }
 
     # -- orientation ---------------------------------------------------------------------------
@@ -548,6 +609,13 @@ def _laterality(ds) -> str | None:
     return None
 
 
+def _view_and_laterality(ds) -> tuple[str | None, str | None, dict[str, str], list[str]]:
+    """(view, laterality, inferred, warnings): header values first, what the header lacks from its text."""
+    texts = [(keyword, _text(ds, keyword) or "") for keyword in TEXT_ATTRIBUTES]
+    found = infer_view_laterality(texts, view=_view(ds), laterality=_laterality(ds))
+    return found.view, found.laterality, found.inferred, found.warnings
+
+
 def _spacing(ds) -> tuple[float, float] | None:
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
         value = ds.get(keyword)
@@ -660,6 +728,7 @@ def read_dicom(path: str | os.PathLike, *, min_size: int = 0,
     fov = _text(ds, "FieldOfViewHorizontalFlip")
     birth = _text(ds, "PatientBirthDate")
     name = ds.get("PatientName")
+    view, laterality, inferred, notes = _view_and_laterality(ds)
     image = DicomImage(
         path=path, rows=rows, cols=cols,
         modality=(_text(ds, "Modality") or "").upper() or None,
@@ -671,12 +740,13 @@ def read_dicom(path: str | os.PathLike, *, min_size: int = 0,
         pixel_representation=int(ds.get("PixelRepresentation", 0) or 0),
         transfer_syntax=str(uid),
         window_center=center, window_width=width, voi_function=voi_function,
-        laterality=_laterality(ds), view=_view(ds),
+        laterality=laterality, view=view,
         patient_orientation=patient_orientation,
         fov_horizontal_flip=None if fov is None else fov.upper() == "YES",
         patient={"source_patient_id": _text(ds, "PatientID"),
                  "patient_name": str(name).strip() or None if name is not None else None,
                  "birth_date": birth},
+        warnings=notes, inferred=inferred,
         _ds=ds, _stored=stored,
     )
     if voi_function is not None and voi_function not in VOI_FUNCTIONS:

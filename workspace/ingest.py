@@ -35,6 +35,7 @@ from workspace.dicom_io import (
     read_dicom,
     upsample_mask,
 )
+from workspace.domain import image_features, mean_spacing
 from workspace.errors import CatalogError, DicomReadError, MammoError
 from workspace.progress import progress
 from workspace.schema import utc_now
@@ -48,7 +49,7 @@ NON_MG_POLICIES = ("warn", "refuse")
 # the label from BI-RADS); ``extra`` may set any other column.
 _PROTECTED = {"image_id", "patient_id", "dataset", "source_sha1", "created_at", "rows", "cols",
               "display_path", "foreground_path", "flip_horizontal", "flip_vertical", "split", "birads",
-              "label", "density", "warnings"}
+              "label", "density", "warnings", "inferred", "domain_features"}
 
 
 # -- paths -----------------------------------------------------------------------------------------
@@ -175,6 +176,12 @@ def _register_image(ws: Workspace, db: sqlite_utils.Database, image: DicomImage,
     for key, value in extra.items():
         row[key] = stored_path(ws, value) if key.endswith("_path") and value and Path(value).is_absolute() \
             else value
+    # a value the importer gives (e.g. the view from a data set's CSV) is not one read from the file's text
+    inferred = {k: v for k, v in image.inferred.items() if k not in extra}
+    row["inferred"] = json.dumps(inferred, sort_keys=True) if inferred else None
+    row["domain_features"] = json.dumps(image_features(
+        image.model_pixels(), mask, bits_stored=image.bits_stored,
+        pixel_spacing=mean_spacing(*(image.pixel_spacing or (None, None)))))
     names = list(row)
     db.execute(f"INSERT OR IGNORE INTO images ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
                [row[n] for n in names])

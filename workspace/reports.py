@@ -104,6 +104,13 @@ class Report:
     aligned: list[int]
     notes: list[str] = field(default_factory=list)
     thumbnail: dict | None = None       # {"png_base64", "width", "height", "scale"} for the HTML page
+    score: dict | None = None           # the read: {"image_score", "n_patches", "n_suspicious", "operating_point"}
+    model_card: dict | None = None      # models.card.ModelCard.to_dict(): what the model was trained on
+    domain: dict | None = None          # models.card.DomainVerdict.to_dict() of this image
+
+    @property
+    def domain_warning(self) -> str | None:
+        return (self.domain or {}).get("warning")
 
     # -- outputs ----------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -131,6 +138,13 @@ class Report:
         if self.has_roi:
             head += f"; {len(self.aligned)} aligned with the ROI (IoU>={self.iou_threshold:g})"
         lines = [head]
+        if self.score:
+            lines.append(f"P(possibly malignant) {self.score['image_score']:.2f}; {self.score['n_suspicious']} of "
+                         f"{self.score['n_patches']} patches suspicious")
+        if self.domain_warning:
+            lines.append("WARNING: " + self.domain_warning)
+        if self.model_card:
+            lines.append(self.model_card["summary"])
         if not self.concepts:
             lines.append("No labelled units yet: label aligned units to build the report.")
         for score in self.concepts[:max_concepts]:
@@ -168,13 +182,15 @@ def build_report(max_activations: Sequence[float] | np.ndarray, thresholds: Sequ
                  image_id: str | None = None, patch_box: Sequence[int] | None = None,
                  model_digest: str | None = None, layer: str | None = None, run_id: str | None = None,
                  query_id: int | None = None, roi: Mapping[str, Any] | None = None,
-                 thumbnail: dict | None = None) -> Report:
+                 thumbnail: dict | None = None, read: Any = None, card: Any = None) -> Report:
     """The report of one image or patch from plain arrays.
 
     ``max_activations`` (units,): each unit's maximum activation on the image (or patch);
     ``thresholds`` (units,): the run's ``T``; ``labels``: ``{unit: Concept}`` from the store;
     ``iou`` (units,): each unit's mask IoU with the ROI (None: no ROI); ``aligned``: the aligned
     units (default: ``iou >= iou_threshold``). ``roi`` is kept as a summary (``bbox``, ``area``).
+    ``read`` (a ``models.inference.MammogramRead``) adds the image's score and domain verdict, ``card``
+    (a ``models.card.ModelCard``) what the model was trained on.
     """
     acts = _vector(max_activations, "max_activations")
     thr = _vector(thresholds, "thresholds")
@@ -243,7 +259,17 @@ def build_report(max_activations: Sequence[float] | np.ndarray, thresholds: Sequ
                   model_digest=model_digest, layer=layer, run_id=run_id, query_id=query_id,
                   created_at=utc_now(), n_units=n_units, n_labelled=len(labels), iou_threshold=float(iou_threshold),
                   has_roi=ious is not None, roi=roi_summary, concepts=scores, label_me=label_me,
-                  aligned=aligned_units, notes=notes, thumbnail=thumbnail)
+                  aligned=aligned_units, notes=notes, thumbnail=thumbnail, score=read_score(read),
+                  model_card=card.to_dict() if card is not None else None,
+                  domain=read.domain.to_dict() if read is not None and read.domain is not None else None)
+
+
+def read_score(read: Any) -> dict | None:
+    """What a report shows of a read: the image score and the suspicious patches."""
+    if read is None:
+        return None
+    return {"image_score": float(read.image_score), "n_patches": int(len(read.scores)),
+            "n_suspicious": int(len(read.suspicious)), "operating_point": float(read.operating_point)}
 
 
 def _vector(values: Any, name: str) -> np.ndarray:
@@ -286,6 +312,7 @@ table{border-collapse:collapse;font-size:13px;min-width:60%} th,td{text-align:le
 th{color:#57606a;font-weight:600;border-bottom:1px solid #d8dee4} td.num{font-variant-numeric:tabular-nums}
 .swatch{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:6px;vertical-align:baseline}
 .empty{color:#57606a;font-style:italic} .notes{color:#57606a;font-size:12px;margin-top:14px}
+.model{margin:0 0 16px}.model .warn{color:#8a1c00;background:#fff1e5;border:1px solid #f0b08a;border-radius:6px;padding:8px 10px;margin:8px 0;font-weight:600}.model .sub{color:#57606a;font-size:13px;margin-top:6px}
 .pill{display:inline-block;background:#fff4d6;border:1px solid #e6c46b;border-radius:12px;padding:1px 9px;margin:2px 4px 2px 0;
 font-size:13px}
 footer{color:#57606a;font-size:12px;margin-top:22px;max-width:900px}
@@ -453,12 +480,25 @@ def _render_html(report: Report) -> str:
                "<th>max activation</th><th>÷ T</th><th>IoU</th></tr>" + "".join(detail_rows) + "</table></details>"
                if detail_rows else "")
     notes = "".join(f"<div>{esc(n)}</div>" for n in report.notes)
+    model_box = ""
+    if report.score or report.model_card or report.domain_warning:
+        parts = []
+        if report.score:
+            sc = report.score
+            parts.append(f'<div><b>P(possibly malignant) {sc["image_score"]:.2f}</b> · {sc["n_suspicious"]} of '
+                         f'{sc["n_patches"]} patches at or above the operating point {sc["operating_point"]:.2f}</div>')
+        if report.domain_warning:
+            parts.append(f'<div class="warn">&#9888; {esc(report.domain_warning)}</div>')
+        if report.model_card:
+            parts.append(f'<div class="sub">{esc(report.model_card["summary"])}</div>')
+        model_box = f'<div class="card model">{"".join(parts)}</div>'
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{esc(title)}</title><style>{_CSS}</style></head>
 <body><main>
 <h1>{esc(title)}</h1>
 <div class="meta">{" · ".join(meta)}</div>
+{model_box}
 <div class="grid">
 {_thumbnail_svg(report)}
 <div class="charts">
@@ -612,4 +652,5 @@ def report_for_image(ws: Workspace, image_id: str, roi: np.ndarray | Sequence[in
                                    and roi_mask.shape == pixels.shape else None)
     return build_report(max_acts, run.thresholds, labels, iou=iou, aligned=aligned, iou_threshold=threshold,
                         image_id=image_id, patch_box=patch_box, model_digest=run.model_digest, layer=run.layer,
-                        run_id=run.run_id, query_id=query_id, roi=roi_geometry, thumbnail=thumb)
+                        run_id=run.run_id, query_id=query_id, roi=roi_geometry, thumbnail=thumb, read=read,
+                        card=loaded.card)

@@ -242,11 +242,29 @@ M4_READS = ("""
         """)
 
 
+M5_INFERRED = ("""
+        -- Where a view or laterality the DICOM header lacks was read from (DicomImage.inferred): a JSON
+        -- object like {"view": "PatientID (CBIS-DDSM naming)"}, attribute names only, never their values.
+        -- NULL when nothing was inferred.
+        ALTER TABLE images ADD COLUMN inferred TEXT;
+        """)
+
+
+M6_DOMAIN = ("""
+        -- What the domain check reads of an image (workspace.domain.image_features, JSON): background level,
+        -- breast intensity percentiles, spacing, bit depth. Filled at import; NULL for older rows until
+        -- first needed (workspace.domain.features_of).
+        ALTER TABLE images ADD COLUMN domain_features TEXT;
+        """)
+
+
 MIGRATIONS: list[tuple[int, str, str]] = [
     (1, "catalog: patients, images, lesions, patches", M1_CATALOG),
     (2, "models, dissection runs, image reads", M2_RUNS),
     (3, "concept store: concepts, neuron labels, ROI queries, label history", M3_CONCEPTS),
     (4, "Label Studio annotations", M4_READS),
+    (5, "images: view / laterality inferred from the file's text", M5_INFERRED),
+    (6, "images: domain features", M6_DOMAIN),
 ]
 
 

@@ -49,8 +49,15 @@ def _recorded(ws, loaded, args: argparse.Namespace) -> int:
     result = reproduce_recorded_test(loaded, n_resamples=args.bootstrap, seed=args.seed, folder=ws.root)
     for line in summary_lines(result["metrics"]):
         print(line)
-    print(f"recorded test AUC {result['recorded_auc']:.4f}, reproduced {result['auc']:.4f}; pixels "
-          f"{'identical' if result['pixels_match'] else 'DIFFERENT (the generator changed since training)'}")
+    pixels = result["pixels"]
+    if pixels["bit_identical"]:
+        verdict = "bit-identical"
+    elif pixels["accepted"]:
+        verdict = (f"the same within tolerance ({pixels['rule']}; largest block difference "
+                   f"{pixels['max_block_difference']:.3f}, {pixels['blocks_differing']:.2%} of blocks differ)")
+    else:
+        verdict = f"DIFFERENT (the generator changed since training; {pixels['rule']})"
+    print(f"recorded test AUC {result['recorded_auc']:.4f}, reproduced {result['auc']:.4f}; pixels {verdict}")
     return 0 if result["reproduced"] else 1
 
 

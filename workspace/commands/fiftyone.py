@@ -43,6 +43,9 @@ def _sync(args: argparse.Namespace) -> int:
         else:
             print(f"run {run.run_id}: {summary.patches_dataset} and {summary.neurons_dataset} already up to date")
         print(f"concept labels copied from the store: {summary.concepts_changed} unit(s) changed")
+        if summary.reads_dataset:
+            print(f"{summary.reads_dataset}: " + (f"{summary.reads_written} read mammograms" if summary.reads_written
+                                                   else "already up to date"))
     finally:
         if started is not None:
             disconnect_fiftyone()

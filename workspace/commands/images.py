@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # annotations only: the CLI imports its heavy parts late
@@ -11,6 +12,9 @@ if TYPE_CHECKING:  # annotations only: the CLI imports its heavy parts late
 ORDER = 22
 
 COLUMNS = ("image_id", "dataset", "laterality", "view", "size", "split", "label")
+
+INFERRED_MARK = "*"
+INFERRED_NOTE = f"{INFERRED_MARK} inferred from the file's text (no ViewPosition/ImageLaterality)"
 
 
 def _label(row: dict) -> str:
@@ -23,7 +27,8 @@ def _label(row: dict) -> str:
 
 
 def image_table(db: sqlite_utils.Database, *, dataset: str | None = None, split: str | None = None, limit: int | None = None) -> list[dict]:
-    """The rows ``mammo images`` prints, as dicts with the keys of :data:`COLUMNS`."""
+    """The rows ``mammo images`` prints, as dicts with the keys of :data:`COLUMNS` and ``inferred`` (the
+    columns whose value was read from the file's text; they carry :data:`INFERRED_MARK`, e.g. ``CC*``)."""
     where, params = [], []
     if dataset:
         where.append("dataset = ?")
@@ -31,13 +36,18 @@ def image_table(db: sqlite_utils.Database, *, dataset: str | None = None, split:
     if split:
         where.append("split = ?")
         params.append(split)
-    sql = ("SELECT image_id, dataset, laterality, view, rows, cols, split, birads, label FROM images"
+    sql = ("SELECT image_id, dataset, laterality, view, inferred, rows, cols, split, birads, label FROM images"
            + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY dataset, created_at, image_id")
     if limit:
         sql += f" LIMIT {int(limit)}"
-    return [{"image_id": r["image_id"], "dataset": r["dataset"], "laterality": r["laterality"] or "-",
-             "view": r["view"] or "-", "size": f"{r['cols']}x{r['rows']}", "split": r["split"] or "-",
-             "label": _label(r)} for r in db.query(sql, params)]
+    rows = []
+    for r in db.query(sql, params):
+        inferred = sorted(k for k in json.loads(r["inferred"] or "{}") if k in ("laterality", "view") and r[k])
+        rows.append({"image_id": r["image_id"], "dataset": r["dataset"],
+                     **{k: (r[k] or "-") + (INFERRED_MARK if k in inferred else "") for k in ("laterality", "view")},
+                     "size": f"{r['cols']}x{r['rows']}", "split": r["split"] or "-", "label": _label(r),
+                     "inferred": inferred})
+    return rows
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -54,6 +64,8 @@ def _run(args: argparse.Namespace) -> int:
     for row in rows:
         print("  ".join(str(row[c]).ljust(widths[c]) for c in COLUMNS).rstrip())
     print(f"{len(rows)} image(s)")
+    if any(r["inferred"] for r in rows):
+        print(INFERRED_NOTE)
     return 0
 
 

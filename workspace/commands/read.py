@@ -29,12 +29,19 @@ def _run(args: argparse.Namespace) -> int:
         ids += [r["image_id"] for r in open_catalog(ws).query(sql, [args.dataset] if args.dataset else [])]
     summary = read_many(ws, ids, loaded, stride=args.stride, keep_maps=not args.no_maps)
     print(f"model {loaded.architecture} {loaded.digest}, operating point {loaded.operating_point:.4f}")
+    print(loaded.card.summary())
+    outside = 0
     for read in summary.reads:
         top = ", ".join(f"({read.boxes[i][0]},{read.boxes[i][1]}) {read.scores[i]:.2f}"
                         for i in read.suspicious[:3])
         print(f"{read.image_id}  score {read.image_score:.3f}  {len(read.scores)} patches  "
               f"{len(read.suspicious)} suspicious  {'cached' if read.cached else f'{read.seconds:.1f} s'}"
               + (f"  top: {top}" if top else ""))
+        if read.domain and read.domain.outside:
+            outside += 1
+            print(f"  WARNING: {read.domain.warning()}")
+    if outside:
+        print(f"{outside} of {len(summary.reads)} image(s) lie outside the model's training domain")
     for image_id, message in summary.errors:
         print(f"{image_id}: error: {message}")
     print(f"{len(summary.reads)} read, {len(summary.errors)} failed")

@@ -35,7 +35,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"training {args.arch} on patch set {args.patch_set!r}: "
           + ", ".join(f"{s} {c['patches']} patches ({c['lesion']} lesion, {c['patients']} patients)"
                       for s, c in counts.items()))
-    result = train(data, recipe, ws.models_dir / name, device=args.device, restart=args.restart, name=name)
+    result = train(data, recipe, ws.models_dir / name, device=args.device, restart=args.restart, name=name,
+                   training_domain=training_domain(ws, args.patch_set))
     if result.resumed_from_epoch:
         print(f"continued from epoch {result.resumed_from_epoch}")
     training = result.meta["training"]
@@ -47,6 +48,20 @@ def _run(args: argparse.Namespace) -> int:
         print(f"ROC curve: {result.path.parent / 'roc.png'}")
     print(f"model: {result.path} (digest {result.digest})")
     return 0
+
+
+def training_domain(ws, patch_set: str) -> dict | None:
+    """The domain profile of the images behind a patch set's training patches (None when there are none)."""
+    from workspace.catalog import open_catalog
+    from workspace.domain import domain_profile, features_of
+
+    db = open_catalog(ws)
+    rows = [dict(r) for r in db.query(
+        "SELECT * FROM images WHERE image_id IN (SELECT image_id FROM patches WHERE patch_set = ? AND split = "
+        "'train') ORDER BY image_id", [patch_set])]
+    if not rows:
+        return None
+    return domain_profile([features_of(ws, r, db=db) for r in rows], [r["dataset"] for r in rows])
 
 
 def add_parser(subparsers, parents) -> None:

@@ -34,7 +34,6 @@ neighbour; ``mask_mismatch="rescale"``, the default) or skipped (``"skip"``).
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -55,6 +54,7 @@ from workspace.importers.common import (
     read_table,
 )
 from workspace.ingest import write_png
+from workspace.view_text import CBIS_DDSM_CASE_RE
 
 if TYPE_CHECKING:  # annotations only
     import sqlite_utils
@@ -66,7 +66,7 @@ TITLE = "CBIS-DDSM (TCIA DICOM folders + case description CSVs)"
 
 MASK_MISMATCH_POLICIES = ("rescale", "skip")
 
-CASE_RE = re.compile(r"^(Mass|Calc)-(Training|Test)_(P_\d+)_(LEFT|RIGHT)_(CC|MLO)(?:_(\d+))?$", re.IGNORECASE)
+CASE_RE = CBIS_DDSM_CASE_RE  # one definition: reading a DICOM infers view and laterality from it too
 
 _COLUMNS = {
     "patient_id": (), "breast density": ("breast_density",), "left or right breast": (),
