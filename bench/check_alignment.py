@@ -34,7 +34,7 @@ from workspace.dissection import DEFAULT_IOU_THRESHOLD  # noqa: E402
 from workspace.errors import QueryError  # noqa: E402
 from workspace.ingest import load_foreground  # noqa: E402
 from workspace.query import query_image, roi_from_box  # noqa: E402
-from workspace.reports import model_of_run  # noqa: E402
+from workspace.session import load_run_model  # noqa: E402
 
 
 def control_box(foreground: np.ndarray, shape: tuple[int, int], w: int, h: int, avoid: list, rng) -> tuple | None:
@@ -66,7 +66,7 @@ def main() -> None:
     ws = Workspace.open(args.workspace)
     db = open_catalog(ws)
     run = run_or_newest(ws, args.run)
-    loaded = model_of_run(ws, run)
+    loaded = load_run_model(ws, run)
     rng = np.random.default_rng(args.seed)
     rows = list(db.query(
         "SELECT DISTINCT i.image_id, i.source_path FROM images i JOIN lesions l ON l.image_id = i.image_id "

@@ -76,9 +76,9 @@ def model_reader(ws: Workspace, run: Any, loaded: Any = None, batch_size: int = 
     from workspace.patches import open_patch_set
 
     if loaded is None:
-        from workspace.reports import model_of_run
+        from workspace.session import load_run_model
 
-        loaded = model_of_run(ws, run)
+        loaded = load_run_model(ws, run)
 
     def read(patch_ids: Sequence[int]):
         db = open_catalog(ws)
@@ -185,9 +185,9 @@ def sync_reads(ws: Workspace, run: Any, *, prefix: str = DEFAULT_PREFIX, loaded:
     from workspace.ingest import resolve_path
 
     if loaded is None:
-        from workspace.reports import model_of_run
+        from workspace.session import load_run_model
 
-        loaded = model_of_run(ws, run)
+        loaded = load_run_model(ws, run)
     card, profile = loaded.card, loaded.meta.get("training_domain")
     samples = []
     for row in progress(reads, desc="fiftyone: reads", unit="image"):

@@ -82,12 +82,14 @@ class _Lru:
 def load_model_and_run(ws: Workspace, *, run_id: str | None = None, model_path: str | os.PathLike | None = None,
                        device: str | None = None):
     """The dissection run to answer with (``run_id``, else ``$MAMMO_BACKEND_RUN``, else the newest complete
-    run) and its model (:func:`workspace.reports.model_of_run`; ``model_path`` overrides and must match)."""
+    run) and its model, by :meth:`workspace.session.Session.open`'s rule (``model_path``, else
+    ``$MAMMO_BACKEND_MODEL``, overrides the file and must have the run's digest)."""
     from workspace.dissect_run import run_or_newest
-    from workspace.reports import model_of_run
+    from workspace.session import Session
 
     run = run_or_newest(ws, run_id or os.environ.get(RUN_ENV))
-    return model_of_run(ws, run, model_path=model_path or os.environ.get(MODEL_ENV), device=device), run
+    session = Session.open(ws, run=run, model=model_path or os.environ.get(MODEL_ENV) or None, device=device)
+    return session.loaded, session.run
 
 
 def model_version(loaded, run) -> str:
@@ -104,18 +106,17 @@ class Backend:
 
     def __init__(self, ws: Workspace, *, run_id: str | None = None, model_path: str | os.PathLike | None = None,
                  top_units: int = DEFAULT_TOP_UNITS, device: str | None = None, loaded=None, run=None):
-        from workspace.concepts import ConceptStore
-
         self.ws = ws
         self.top_units = int(top_units)
+        from workspace.session import Session
+
         if loaded is None or run is None:
             loaded, run = load_model_and_run(ws, run_id=run_id, model_path=model_path, device=device)
+        self.session = Session(ws=ws, loaded=loaded, run=run)
         self.loaded, self.run = loaded, run
-        self.store = ConceptStore(ws)
+        self.store = self.session.store
         self.thresholds = np.asarray(self.run.thresholds, dtype=np.float32)
-        manifest = self.run.manifest if isinstance(self.run.manifest, dict) else {}
-        from workspace.dissection import DEFAULT_IOU_THRESHOLD
-        self.iou_threshold = float(manifest.get("iou_threshold", DEFAULT_IOU_THRESHOLD))
+        self.iou_threshold = self.session.iou_threshold
         self.model_version = model_version(self.loaded, self.run)
         self.card = self.loaded.card
         self._reads = _Lru(16)

@@ -58,6 +58,7 @@ class LoadedModel:
     digest: str
     path: Path
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    load_options: dict[str, Any] = field(default_factory=dict)  # {"arch", "trust"} it was loaded with, if any
 
     @property
     def architecture(self) -> str:
@@ -241,7 +242,9 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None =
     get_layer(model, info["dissected_layer"])  # a clear error now rather than at dissection time
     device = torch.device(device) if device is not None else pick_device()
     model = model.to(device).to(memory_format=torch.channels_last).eval()
-    return LoadedModel(model=model, meta=info, digest=digest, path=path.resolve(), device=device)
+    options = {k: v for k, v in (("arch", arch), ("trust", trust)) if v}
+    return LoadedModel(model=model, meta=info, digest=digest, path=path.resolve(), device=device,
+                       load_options=options)
 
 
 def resolve_model_path(ws: Any, spec: str | os.PathLike | None) -> Path:
@@ -261,9 +264,11 @@ def resolve_model_path(ws: Any, spec: str | os.PathLike | None) -> Path:
 
 
 def register_model(db: Any, loaded: LoadedModel, name: str | None = None) -> None:
-    """Record the model in the catalog's ``models`` table."""
+    """Record the model in the catalog's ``models`` table, with the options it must be loaded with again
+    (``load_options``: a foreign state_dict's ``arch``, ``trust`` for a pickled module)."""
     from workspace.schema import utc_now
 
+    options = json.dumps(loaded.load_options, sort_keys=True) if loaded.load_options else None
     db["models"].insert({
         "model_digest": loaded.digest,
         "name": name or loaded.meta.get("name") or loaded.path.stem,
@@ -271,8 +276,12 @@ def register_model(db: Any, loaded: LoadedModel, name: str | None = None) -> Non
         "dissected_layer": loaded.dissected_layer,
         "path": str(loaded.path),
         "metrics": json.dumps(loaded.meta.get("metrics", {})),
+        "load_options": options,
         "created_at": utc_now(),
     }, pk="model_digest", ignore=True)  # the digest fixes the file, so an existing row is current
+    if options:  # a row made before the options were known (or by an older version) learns them
+        db.execute("UPDATE models SET load_options = ? WHERE model_digest = ? AND load_options IS NULL",
+                   [options, loaded.digest])
 
 
 __all__ = ["FORMAT", "SHIPPED_DEMO", "DEFAULT_NORMALISATION", "LoadedModel", "file_digest", "base_meta",

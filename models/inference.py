@@ -9,7 +9,7 @@ the checkpoint's operating point (chosen on validation). The image score is the 
 
 The dissected layer's maps of each patch are kept (float16, ``(N, units, h, w)``) so ROI queries need
 no second forward pass. A read is cached per (image, model digest, stride) under ``ws.reads_dir``:
-``<digest>/<image_id>[__s<stride>].npz`` (boxes, scores, metadata) and ``...maps.npy`` (memory-mapped
+``<digest>/<layer>/<image_id>[__s<stride>].npz`` (boxes, scores, metadata) and ``...maps.npy`` (memory-mapped
 on load), and recorded in the catalog table ``image_reads``. Each read carries the verdict of the domain
 check (:mod:`workspace.domain`) of its image against the model's training domain (``read.domain``).
 """
@@ -98,9 +98,10 @@ def tissue_grid(foreground: np.ndarray, size: int, stride: int, min_tissue: floa
     return np.array(boxes, dtype=np.int64).reshape(-1, 4)
 
 
-def _cache_paths(ws: Workspace, image_id: str, digest: str, stride: int, size: int) -> tuple[Path, Path]:
+def _cache_paths(ws: Workspace, image_id: str, digest: str, layer: str, stride: int,
+                 size: int) -> tuple[Path, Path]:
     suffix = "" if stride == size else f"__s{stride}"
-    base = ws.reads_dir / digest / f"{image_id}{suffix}"
+    base = ws.reads_dir / digest / layer / f"{image_id}{suffix}"  # the maps are the layer's: one read per layer
     return base.with_name(base.name + ".npz"), base.with_name(base.name + ".maps.npy")
 
 
@@ -200,7 +201,7 @@ def read_mammogram(ws: Workspace, image_id: str, loaded: LoadedModel, *, stride:
     if rows < size or cols < size:
         raise ModelError(f"image {image_id} is {rows} x {cols} pixels, smaller than the model's "
                          f"{size} x {size} patch")
-    npz_path, maps_path = _cache_paths(ws, image_id, loaded.digest, stride, size)
+    npz_path, maps_path = _cache_paths(ws, image_id, loaded.digest, loaded.dissected_layer, stride, size)
     hit = _load_cached(npz_path, maps_path, keep_maps, min_tissue)
     profile = loaded.meta.get("training_domain")
     if hit is not None:

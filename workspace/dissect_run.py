@@ -547,7 +547,16 @@ def run_dissection(ws: Workspace, loaded: Any, *, patch_set: str = "default", sp
                    layer: str | None = None, quantile: float = DEFAULT_QUANTILE, top_k: int = DEFAULT_TOP_K,
                    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB, batch_size: int = DEFAULT_BATCH_SIZE,
                    checkpoint_every_s: float = CHECKPOINT_EVERY_S) -> DissectionRun:
-    """Dissect ``layer`` of a loaded checkpoint over a patch set split (the ``mammo dissect`` command)."""
+    """Dissect ``layer`` of a loaded checkpoint over a patch set split (the ``mammo dissect`` command). The
+    model is registered in the catalog with its load options, so every surface can open the run's model."""
+    from models.checkpoint import register_model
+    from workspace.catalog import open_catalog
+
+    db = open_catalog(ws)
+    try:
+        register_model(db, loaded)
+    finally:
+        db.conn.close()
     source = model_source(ws, loaded, patch_set=patch_set, split=split, layer=layer, batch_size=batch_size)
     return execute_run(ws, source, quantile=quantile, top_k=top_k, memory_budget_mb=memory_budget_mb,
                        checkpoint_every_s=checkpoint_every_s, device=getattr(loaded, "device", None))

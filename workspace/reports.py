@@ -32,8 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from workspace.catalog import get_image, open_catalog
-from workspace.concepts import Concept, ConceptStore, encode_roi
+from workspace.concepts import Concept
 from workspace.dissection import DEFAULT_IOU_THRESHOLD
 from workspace.errors import ConceptError, MammoError
 from workspace.schema import utc_now
@@ -547,110 +546,17 @@ def make_thumbnail(display_u8: np.ndarray, max_side: int = 640, roi_mask: np.nda
     return thumb
 
 
-def model_of_run(ws: Workspace, run: DissectionRun, *, model_path: str | Path | None = None,
-                 device: str | None = None) -> LoadedModel:
-    """The model ``run`` dissected: its file from the catalog's ``models`` table (``model_path``
-    overrides), checked against the run's model digest."""
-    from models import checkpoint
-    from workspace.ingest import resolve_path
-
-    if model_path is None:
-        db = open_catalog(ws)
-        try:
-            rows = db.execute("SELECT path FROM models WHERE model_digest = ?", [run.model_digest]).fetchall()
-        finally:
-            db.conn.close()
-        if not rows:
-            raise ReportError(f"the model {run.model_digest} of run {run.run_id} is not in the catalog")
-        model_path = resolve_path(ws, rows[0][0])
-    loaded = checkpoint.load_checkpoint(model_path, device=device)
-    if loaded.digest != run.model_digest:
-        raise ReportError(f"run {run.run_id} dissected model {run.model_digest}, not {loaded.digest}")
-    return loaded
-
-
 def report_for_image(ws: Workspace, image_id: str, roi: np.ndarray | Sequence[int] | None = None, *,
                      run: DissectionRun | str | None = None, loaded: LoadedModel | None = None,
-                     patch_box: Sequence[int] | None = None, store: ConceptStore | None = None,
-                     record: bool = False, asked_by: str = "api", source: str = "api",
-                     thumbnail: bool = True) -> Report:
-    """The report of one catalog image (or one patch of its read) with the workspace's current labels.
+                     patch_box: Sequence[int] | None = None, record: bool = False, asked_by: str = "api",
+                     source: str = "api", thumbnail: bool = True) -> Report:
+    """The report of one catalog image (or one patch of its read) with the workspace's current labels:
+    :meth:`workspace.session.Session.report` of the session ``run`` / ``loaded`` open (the session's rule
+    picks them when not given). ``roi``: a bool mask of the image (rows, cols) or an [x, y, w, h] box."""
+    from workspace.session import Session
 
-    ``roi``: a boolean mask of the image (rows, cols) or an [x, y, w, h] box, normalised orientation.
-    ``run``: a DissectionRun or run id (default: the newest complete run); ``loaded``: the run's model
-    (default: loaded from the ``models`` table). With ``record``, the ROI query is stored and the
-    report carries its ``query_id``.
-    """
-    from models import inference  # heavy (torch): only when a real report is made
-    from workspace import dissect_run, query
+    with Session.open(ws, run=run, loaded=loaded) as session:
+        return session.report(image_id, roi, patch_box=patch_box, record=record, asked_by=asked_by,
+                              source=source, thumbnail=thumbnail)
 
-    db = open_catalog(ws)
-    try:  # closed here: a long-lived caller (a server) must not collect one connection per report
-        image = get_image(db, image_id)
-    finally:
-        db.conn.close()
-    if run is None or isinstance(run, str):
-        run = dissect_run.run_or_newest(ws, run)
-    if loaded is None:
-        loaded = model_of_run(ws, run)
-    if loaded.digest != run.model_digest:
-        raise ReportError(f"run {run.run_id} dissected model {run.model_digest}, not {loaded.digest}")
-    read = inference.read_mammogram(ws, image_id, loaded, keep_maps=True)
-    if read.maps is None or len(read.maps) == 0:
-        raise ReportError(f"the read of {image_id} kept no activation maps (no tissue patches?)")
-    if read.layer != run.layer:
-        raise ReportError(f"the read of {image_id} tapped layer {read.layer}, run {run.run_id} layer {run.layer}")
-    maps = read.maps
-    if patch_box is not None:
-        boxes = np.asarray(read.boxes)
-        chosen = np.flatnonzero((boxes == np.asarray(patch_box)[None, :]).all(axis=1))
-        if len(chosen) == 0:
-            raise ReportError(f"no patch of the read of {image_id} has the box {list(patch_box)}")
-        maps = maps[chosen]
-    # max over patches and positions; float16 max is exact, and a memory-mapped cache streams
-    max_acts = np.asarray(np.max(maps, axis=(0, 2, 3)), dtype=np.float64)
 
-    shape = (int(image["rows"]), int(image["cols"]))
-    manifest = getattr(run, "manifest", None)
-    threshold = float(manifest.get("iou_threshold", DEFAULT_IOU_THRESHOLD)) if isinstance(manifest, dict) \
-        else DEFAULT_IOU_THRESHOLD
-    iou = aligned = roi_geometry = None
-    roi_mask = None
-    if roi is not None:
-        roi_mask = np.asarray(roi, dtype=bool) if np.ndim(roi) == 2 else query.roi_from_box(roi, shape)
-        if roi_mask.shape != shape:
-            raise ReportError(f"the ROI mask is {roi_mask.shape[1]} x {roi_mask.shape[0]} pixels, the image "
-                              f"{shape[1]} x {shape[0]}")
-        result = query.query_image(ws, image_id, roi_mask, loaded, run, iou_threshold=threshold, read=read)
-        iou = np.asarray(result.iou, dtype=np.float64)
-        aligned = [int(u) for u in result.aligned]
-        roi_geometry = encode_roi(roi_mask)
-
-    owned = store is None
-    store = store or ConceptStore(ws)
-    try:
-        labels = store.labels(run.model_digest, run.layer)
-        query_id = None
-        if record and roi_geometry is not None:
-            query_id = store.record_query(run.model_digest, run.layer, roi=roi_geometry, ranking=iou,
-                                          aligned=aligned, iou_threshold=threshold, asked_by=asked_by,
-                                          source=source, image_id=image_id, patch_box=patch_box,
-                                          run_id=run.run_id)
-    finally:
-        if owned:
-            store.close()
-
-    thumb = None
-    if thumbnail and image.get("display_path"):
-        from workspace.ingest import resolve_path
-
-        display = resolve_path(ws, image["display_path"])
-        if display.exists():
-            from PIL import Image
-            pixels = np.asarray(Image.open(display).convert("L"))
-            thumb = make_thumbnail(pixels, roi_mask=roi_mask if roi_mask is not None
-                                   and roi_mask.shape == pixels.shape else None)
-    return build_report(max_acts, run.thresholds, labels, iou=iou, aligned=aligned, iou_threshold=threshold,
-                        image_id=image_id, patch_box=patch_box, model_digest=run.model_digest, layer=run.layer,
-                        run_id=run.run_id, query_id=query_id, roi=roi_geometry, thumbnail=thumb, read=read,
-                        card=loaded.card)

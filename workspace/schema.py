@@ -258,6 +258,13 @@ M6_DOMAIN = ("""
         """)
 
 
+M7_MODEL_OPTIONS = ("""
+        -- How a model must be loaded again (JSON: {"arch": "torchvision:resnet18", "trust": true}), so every
+        -- surface that opens a run's model loads it the way `mammo dissect` did. NULL: our own checkpoint.
+        ALTER TABLE models ADD COLUMN load_options TEXT;
+        """)
+
+
 MIGRATIONS: list[tuple[int, str, str]] = [
     (1, "catalog: patients, images, lesions, patches", M1_CATALOG),
     (2, "models, dissection runs, image reads", M2_RUNS),
@@ -265,6 +272,7 @@ MIGRATIONS: list[tuple[int, str, str]] = [
     (4, "Label Studio annotations", M4_READS),
     (5, "images: view / laterality inferred from the file's text", M5_INFERRED),
     (6, "images: domain features", M6_DOMAIN),
+    (7, "models: load options", M7_MODEL_OPTIONS),
 ]
 
 

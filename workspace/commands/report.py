@@ -26,31 +26,20 @@ def _ints(text: str, what: str) -> list[int]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import numpy as np
-
     from workspace.config import Workspace
-    from workspace.errors import MammoError
-    from workspace.reports import report_for_image
+    from workspace.session import Session, roi_mask_from_png
 
     ws = Workspace.open(args.workspace)
-    roi = None
-    if args.roi:
-        roi = _ints(args.roi, "--roi")
-    elif args.roi_mask:
-        from PIL import Image
-
-        path = Path(args.roi_mask)
-        if not path.is_file():
-            raise MammoError(f"no ROI mask file {path}")
-        try:
-            roi = np.asarray(Image.open(path).convert("L")) > 0
-        except OSError as error:
-            raise MammoError(f"cannot read the ROI mask {path}: {error}") from error
-    patch = _ints(args.patch, "--patch") if args.patch else None
-    report = report_for_image(ws, args.image_id, roi, run=args.run, patch_box=patch, record=args.record,
-                              asked_by=args.by or "cli", source="cli")
+    with Session.open(ws, run=args.run) as session:
+        roi = None
+        if args.roi:
+            roi = _ints(args.roi, "--roi")
+        elif args.roi_mask:
+            row = session.image(args.image_id)
+            roi = roi_mask_from_png(args.roi_mask, (int(row["rows"]), int(row["cols"])))
+        patch = _ints(args.patch, "--patch") if args.patch else None
+        report = session.report(args.image_id, roi, patch_box=patch, record=args.record,
+                                asked_by=args.by or "cli", source="cli")
     fmt = args.format
     if args.out:
         print(report.save(args.out, fmt))
