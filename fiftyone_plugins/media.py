@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 MASK_COLOUR = (255, 208, 0)      # contour and tint of a unit's mask (reads on grey tissue)
 LESION_COLOUR = (213, 94, 0)     # frame of a lesion patch (Okabe & Ito vermilion)
 NORMAL_COLOUR = (0, 114, 178)    # frame of a normal patch (Okabe & Ito blue)
+UNLABELLED_COLOUR = (153, 153, 153)  # frame of a patch from an unlabelled image (a tissue-grid patch set)
 TILE = 128
 STRIP = 16                       # caption strip under each tile
 

@@ -2,7 +2,7 @@
 
 * **patches** (``<prefix>-patches``): one sample per patch of the run. ``filepath`` is the patch
   thumbnail; fields ``patch_id``, ``image_id``, ``x``, ``y``, ``size`` (normalised orientation),
-  ``split``, ``ground_truth`` (Classification lesion | normal), ``prediction`` (Classification with
+  ``split``, ``ground_truth`` (Classification lesion | normal | unlabelled), ``prediction`` (Classification with
   the model's P(possibly malignant) as confidence) and ``score``, ``max_activations`` (one float per
   unit: ``view.sort_by(F("max_activations")[u], reverse=True)``), ``top_units`` (the 5 units most
   active relative to their threshold), ``activation`` (Heatmap of the most active unit's map) and
@@ -45,6 +45,8 @@ SYNC_VERSION = 2
 N_TOP_UNITS = 5
 MASK_SIZE = 64          # resolution of the stored per-unit masks (the App scales them to the patch)
 DEFAULT_OPERATING_POINT = 0.5
+GROUND_TRUTH = {1: "lesion", 0: "normal"}  # patches.label; an unlabelled tissue-grid patch is "unlabelled"
+FRAME_COLOURS = {1: media.LESION_COLOUR, 0: media.NORMAL_COLOUR}
 
 # reader(patch_ids) yields (patch_ids_of_batch, scores (B,), maps (B, units, h, w)) batches; it may carry
 # an ``operating_point`` attribute (P(possibly malignant) from which a patch is called suspicious).
@@ -346,7 +348,7 @@ def _build_patch_samples(fo: Any, ws: Workspace, run: Any, rows: list[dict], rea
             sample = fo.Sample(
                 filepath=row["thumb_abs"], patch_id=int(p), image_id=row["image_id"], x=int(row["x"]),
                 y=int(row["y"]), size=int(row["size"]), split=row["split"], array_index=int(row["array_index"]),
-                ground_truth=fo.Classification(label="lesion" if row["label"] == 1 else "normal"),
+                ground_truth=fo.Classification(label=GROUND_TRUTH.get(row["label"], "unlabelled")),
                 prediction=fo.Classification(label="possibly malignant" if score >= operating_point else "normal",
                                              confidence=score),
                 score=score, max_activations=[float(v) for v in acts[:, col]],
@@ -411,8 +413,8 @@ def _build_neuron_samples(fo: Any, ws: Workspace, run: Any, rows: list[dict], un
                 tile = media.overlay_mask(greys[p], mask) if mask is not None else \
                     np.repeat(greys[p][..., None], 3, axis=2)
                 tiles.append(tile)
-                captions.append(f"#{rank} {value:.2f} {'lesion' if label == 1 else 'normal'}")
-                frames.append(media.LESION_COLOUR if label == 1 else media.NORMAL_COLOUR)
+                captions.append(f"#{rank} {value:.2f} {GROUND_TRUTH.get(label, 'unlabelled')}")
+                frames.append(FRAME_COLOURS.get(label, media.UNLABELLED_COLOUR))
             title = f"unit {unit}  threshold {thresholds[unit]:.2f}  run {run.run_id}"
             media.save_png(media.montage(tiles, captions, frames, title), path)
         lesion_share = float(np.mean([lab == 1 for lab in labels])) if labels else 0.0

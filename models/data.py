@@ -87,6 +87,9 @@ class PatchData:
         rows = sorted(patch_set.rows, key=lambda r: r["array_index"])
         if not rows:
             raise MammoError(f"patch set {name!r} is empty")
+        if any(r["label"] not in (0, 1) for r in rows):
+            raise MammoError(f"patch set {name!r} holds unlabelled patches (a tissue grid): it serves dissection, "
+                             "not training or evaluation; build a labelled one with `mammo patches`")
         db = open_catalog(ws)
         images = {r["image_id"]: r for r in db.query("SELECT image_id, patient_id, source_path, rows, cols, dataset "
                                                      "FROM images")}

@@ -70,6 +70,40 @@ def test_recorded_test_images_of_the_generator_stay_quiet(tmp_path):
     assert read.domain.checked and read.domain.warning() is None
 
 
+def test_an_unlabelled_folder_goes_import_read_patches_dissect_report(tmp_path, capsys):
+    """The README's "bring your own data" path on two real films, as a user types it: no labels anywhere."""
+    import shutil
+
+    from tests.fixtures.films import films_folder
+    from workspace.config import Workspace
+    from workspace.patches import PatchError, build_patch_set
+    from workspace.session import Session
+
+    folder = tmp_path / "films"
+    folder.mkdir()
+    for source in sorted(films_folder().glob("sfm-malign-0/*.dcm"))[:2]:
+        shutil.copy(source, folder / source.name)
+    ws = ["--workspace", str(tmp_path / "ws")]
+    assert main(["import", str(folder), *ws]) == 0
+    assert main(["read", "--all", *ws]) == 0
+    with pytest.raises(PatchError, match="no lesion patches"):  # the labelled recipe cannot run here...
+        build_patch_set(Workspace.open(tmp_path / "ws"))
+    capsys.readouterr()
+    assert main(["patches", "--tissue", *ws]) == 0  # ...the tissue grid can
+    out = capsys.readouterr().out
+    assert "unlabelled tissue patches of 2 image(s)" in out
+    assert main(["dissect", "--patch-set", "tissue", "--split", "all", *ws]) == 0
+    with Session.open(tmp_path / "ws") as session:
+        assert session.run.manifest["patch_set"] == "tissue"
+        assert session.run.manifest["source"]["patch_source"] == "tissue grid of every read (unlabelled)"
+    capsys.readouterr()
+    first = main(["images", *ws])
+    ids = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("I-")]
+    assert first == 0 and len(ids) == 2
+    assert main(["report", ids[0], "--format", "text", *ws]) == 0
+    assert "WARNING: " + WARNING in capsys.readouterr().out
+
+
 def test_mammo_read_shows_the_card_and_warns_per_film(films, capsys):
     assert main(["read", *films.film_ids, "--workspace", str(films.ws.root)]) == 0
     out = capsys.readouterr().out
@@ -122,5 +156,8 @@ def test_fiftyone_shows_the_reads_with_their_warnings(films, fo_db):
         assert sample["view"] in ("CC", "MLO") and sample["laterality"] in ("L", "R")
     patches = fo.load_dataset("films-patches")
     assert patches.info["mammo"]["model_card"]["summary"] == films.loaded.card.summary()
+    # the run's patches are the films' own tissue grid: unlabelled, and flagged like their films
+    assert set(patches.values("ground_truth.label")) == {"unlabelled"}
+    assert all(patches.values("outside_domain")) and len(patches) == films.run.manifest["n_patches"]
     # a second sync writes nothing
     assert sync_with_summary(films.ws, films.run, prefix="films", loaded=films.loaded)[2].reads_written == 0

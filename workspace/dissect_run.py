@@ -267,7 +267,9 @@ def model_source(ws: Workspace, loaded: Any, *, patch_set: str = "default", spli
     identity = {"model_digest": loaded.digest, "layer": layer, "patch_set": patch_set,
                 "patch_set_digest": pset.digest, "split": split or "all"}
     extra = {"model_path": str(loaded.path), "architecture": loaded.meta.get("architecture"),
-             "patch_size": int(pset.size), "device": str(getattr(loaded, "device", "cpu"))}
+             "patch_size": int(pset.size), "device": str(getattr(loaded, "device", "cpu")),
+             # what the patches are: the paper's labelled lesion/normal set, or an unlabelled tissue grid
+             "patch_source": pset.params.get("source", "lesion and normal patches (the paper's recipe)")}
     return ActivationSource(patch_ids, activations, identity, batch_size, extra)
 
 

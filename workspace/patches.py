@@ -62,6 +62,9 @@ from workspace.progress import progress
 from workspace.schema import utc_now
 
 BENIGN = ("benign", "benign_without_callback")
+UNLABELLED = -1
+"""``patches.label`` of a patch from an unlabelled image (:func:`build_tissue_patch_set`): neither lesion (1)
+nor normal (0); such a set is for dissection, not for training."""
 
 
 class PatchError(MammoError):
@@ -321,10 +324,8 @@ def build_patch_set(ws: Workspace, name: str = "default", *, size: int = 512, st
     lesion patches or no normal images to draw from. Per-image problems (an unreadable file, a lesion
     outside its image) are collected in the summary's ``problems`` and the build goes on.
     """
-    from PIL import Image
-
     from workspace.catalog import lesions_of, open_catalog
-    from workspace.ingest import load_foreground, load_model_pixels, resolve_path, stored_path
+    from workspace.ingest import load_foreground
 
     if not name or any(c in name for c in "/\\") or name.startswith("."):
         raise PatchError(f"bad patch set name {name!r}")
@@ -391,6 +392,71 @@ def build_patch_set(ws: Workspace, name: str = "default", *, size: int = 512, st
     patches = sorted(lesion_patches + pool, key=lambda p: (order[p["image_id"]], p["label"], p["y"], p["x"]))
     for p in patches:
         p["split"] = images[p["image_id"]]["split"]
+    # not the name: same patches, same digest (the original rule "all" keeps the digests of older sets)
+    normal_key = "" if normal_rule.mode == "all" else f"|normal={normal_rule}"
+    params = {"size": size, "step": step, "inside": str(rule), "normal": str(normal_rule), "seed": seed,
+              "dataset": dataset,
+              "normal_per_image": per_image, "lesion_sources": "annotated_copy when present, else non-benign"}
+    summary = _write_patch_set(ws, db, name, images, patches, size=size, step=step, params=params,
+                               digest_key=f"{size}|{step}|{rule}|{seed}{normal_key}", problems=problems)
+    patches = summary.pop("patches")  # the ones written: an unreadable image's are left out
+    counts: dict[str, dict[str, int]] = {}
+    for p in patches:
+        c = counts.setdefault(p["split"], {"lesion": 0, "normal": 0})
+        c["lesion" if p["label"] else "normal"] += 1
+    return {**summary, "lesion_patches": sum(p["label"] for p in patches),
+            "normal_patches": sum(1 - p["label"] for p in patches), "per_split": counts}
+
+
+def build_tissue_patch_set(ws: Workspace, name: str = "tissue", *, size: int = 512,
+                           min_tissue: float | None = None, dataset: str | None = None) -> dict[str, Any]:
+    """A patch set that needs no labels: every patch of every image's read grid (non-overlapping
+    ``size`` patches holding at least ``min_tissue`` breast foreground, the grid ``mammo read`` scores),
+    ``label`` :data:`UNLABELLED`. Dissection needs no labels (the paper dissects over patches), so an
+    unlabelled folder can be imported, read and dissected. ``dataset`` limits the images."""
+    from models.inference import DEFAULT_MIN_TISSUE, tissue_grid
+    from workspace.catalog import open_catalog
+    from workspace.ingest import load_foreground
+
+    if not name or any(c in name for c in "/\\") or name.startswith("."):
+        raise PatchError(f"bad patch set name {name!r}")
+    min_tissue = DEFAULT_MIN_TISSUE if min_tissue is None else float(min_tissue)
+    db = open_catalog(ws)
+    where, args = ("WHERE dataset = ?", [dataset]) if dataset else ("", [])
+    images = {r["image_id"]: r for r in db.query(f"SELECT * FROM images {where} ORDER BY source_path, image_id",
+                                                 args)}
+    problems: list[str] = []
+    patches: list[dict] = []
+    for row in progress(list(images.values()), desc="tissue patches", unit="image"):
+        if row["rows"] < size or row["cols"] < size:
+            problems.append(f"{row['image_id']}: {row['rows']} x {row['cols']} is smaller than one patch")
+            continue
+        try:
+            foreground = load_foreground(ws, row)
+        except (MammoError, OSError) as error:
+            problems.append(f"{row['image_id']}: {error}")
+            continue
+        patches.extend({"image_id": row["image_id"], "x": int(x), "y": int(y), "label": UNLABELLED,
+                        "lesion_id": None, "split": row["split"]}
+                       for x, y, _w, _h in tissue_grid(foreground, size, size, min_tissue))
+    if not patches:
+        raise PatchError("no tissue patches: no image in the catalog" + (f" of data set {dataset!r}" if dataset else "")
+                         + f" holds a {size} x {size} patch with {min_tissue:.0%} breast")
+    params = {"size": size, "step": size, "source": "tissue grid of every read (unlabelled)",
+              "min_tissue": min_tissue, "dataset": dataset}
+    summary = _write_patch_set(ws, db, name, images, patches, size=size, step=size, params=params,
+                               digest_key=f"tissue|{size}|{min_tissue}", problems=problems)
+    written = summary.pop("patches")
+    return {**summary, "images": len({p["image_id"] for p in written})}
+
+
+def _write_patch_set(ws: Workspace, db: Any, name: str, images: dict[str, dict], patches: list[dict], *,
+                     size: int, step: int, params: dict, digest_key: str, problems: list[str]) -> dict[str, Any]:
+    """Pixels, thumbnails, digest and catalog rows of a patch set (``patches``: dicts with image_id, x, y,
+    label, lesion_id, split, in array order); the set replaces any earlier one of that name atomically."""
+    from PIL import Image
+
+    from workspace.ingest import load_model_pixels, resolve_path, stored_path
 
     # pixels, thumbnails and digest in one pass over the images, in array order; the rows of an image
     # that cannot be read are left out and the rows after it move up, so array_index stays the row number
@@ -402,9 +468,7 @@ def build_patch_set(ws: Workspace, name: str = "default", *, size: int = 512, st
     by_image: dict[str, list[dict]] = {}
     for p in patches:
         by_image.setdefault(p["image_id"], []).append(p)
-    # not the name: same patches, same digest (the original rule "all" keeps the digests of older sets)
-    normal_key = "" if normal_rule.mode == "all" else f"|normal={normal_rule}"
-    digest = hashlib.sha1(f"{size}|{step}|{rule}|{seed}{normal_key}".encode())
+    digest = hashlib.sha1(digest_key.encode())
     written: list[dict] = []
     for image_id, group in progress(list(by_image.items()), desc="patch pixels", unit="image"):
         row = images[image_id]
@@ -433,9 +497,6 @@ def build_patch_set(ws: Workspace, name: str = "default", *, size: int = 512, st
 
     # catalog rows (patch ids known only after insert: thumbs are named by patch_id)
     now = utc_now()
-    params = {"size": size, "step": step, "inside": str(rule), "normal": str(normal_rule), "seed": seed,
-              "dataset": dataset,
-              "normal_per_image": per_image, "lesion_sources": "annotated_copy when present, else non-benign"}
     thumbs = stored_path(ws, folder / "thumbs")
     db.execute("BEGIN IMMEDIATE")
     try:
@@ -461,15 +522,8 @@ def build_patch_set(ws: Workspace, name: str = "default", *, size: int = 512, st
     except BaseException:
         db.execute("ROLLBACK")
         raise
-    counts: dict[str, dict[str, int]] = {}
-    for p in patches:
-        c = counts.setdefault(p["split"], {"lesion": 0, "normal": 0})
-        c["lesion" if p["label"] else "normal"] += 1
-    return {"patch_set": name, "n_patches": len(patches),
-            "lesion_patches": sum(p["label"] for p in patches),
-            "normal_patches": sum(1 - p["label"] for p in patches), "per_split": counts,
-            "digest": digest.hexdigest()[:16], "params": params, "problems": problems,
-            "pixels_path": str(folder / "pixels.u16")}
+    return {"patch_set": name, "n_patches": len(patches), "digest": digest.hexdigest()[:16], "params": params,
+            "problems": problems, "pixels_path": str(folder / "pixels.u16"), "patches": patches}
 
 
 # -- reading a set ---------------------------------------------------------------------------------

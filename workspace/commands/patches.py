@@ -1,4 +1,5 @@
-"""``mammo patches``: build the paper's patch set (lesion and normal patches, balanced, split by patient)."""
+"""``mammo patches``: build the paper's patch set (lesion and normal patches, balanced, split by patient), or
+with ``--tissue`` an unlabelled one (every patch of every image's read grid) that dissection can run on."""
 
 from __future__ import annotations
 
@@ -10,11 +11,21 @@ ORDER = 25
 
 def _run(args: argparse.Namespace) -> int:
     from workspace.config import Workspace
-    from workspace.patches import build_patch_set
+    from workspace.patches import build_patch_set, build_tissue_patch_set
 
     ws = Workspace.open(args.workspace)
-    summary = build_patch_set(ws, args.name, size=args.size, step=args.step, inside=args.inside, normal=args.normal,
-                              seed=args.seed, dataset=args.dataset)
+    if args.tissue:
+        summary = build_tissue_patch_set(ws, args.name or "tissue", size=args.size, dataset=args.dataset)
+        if args.json:
+            print(json.dumps(summary, indent=2))
+            return 0
+        print(f"patch set {summary['patch_set']!r}: {summary['n_patches']} unlabelled tissue patches of "
+              f"{summary['images']} image(s); digest {summary['digest']}; pixels {summary['pixels_path']}")
+        for problem in summary["problems"]:
+            print(f"  problem: {problem}")
+        return 0
+    summary = build_patch_set(ws, args.name or "default", size=args.size, step=args.step, inside=args.inside,
+                              normal=args.normal, seed=args.seed, dataset=args.dataset)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -35,7 +46,10 @@ def add_parser(subparsers, parents) -> None:
                     "BI-RADS 0 images (the ellipses of the annotated copies, else masks/boxes/contours), normal "
                     "patches of BI-RADS 1/2 images whose centre is in the breast with at least a quarter of it breast (--normal), "
                     "balanced, split by patient.")
-    parser.add_argument("--name", default="default", help="patch set name (default: default)")
+    parser.add_argument("--name", default=None, help="patch set name (default: default; with --tissue: tissue)")
+    parser.add_argument("--tissue", action="store_true",
+                        help="no labels needed: every SIZE x SIZE patch of every image's read grid (at least 10 %% "
+                             "breast), unlabelled, for `mammo dissect --patch-set tissue --split all`")
     parser.add_argument("--size", type=int, default=512, help="patch side in pixels (default 512)")
     parser.add_argument("--step", type=int, default=256, help="grid step in pixels (default 256)")
     parser.add_argument("--inside", default="centre", metavar="RULE",
