@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from workspace.errors import DicomReadError
+from workspace.modality import modality_of
 from workspace.view_text import TEXT_ATTRIBUTES, infer_view_laterality
 
 PATCH_SIZE = 512
@@ -491,6 +492,7 @@ class DicomImage:
             "voi_function": self.voi_function,
             "flip_horizontal": int(self.flip_horizontal),
             "flip_vertical": int(self.flip_vertical),
+            "modality": self.modality,
             "inferred": json.dumps(self.inferred, sort_keys=True) if self.inferred else None,
         }
 
@@ -518,7 +520,12 @@ class DicomImage:
         return flip_h, flip_v
 
     def decide_orientation(self) -> None:
-        """Set the flips: header first guess, verified (and overruled) by the pixels."""
+        """Set the flips: header first guess, verified (and overruled) by the pixels. Only for a modality
+        with a chest wall to put on the left (:mod:`workspace.modality`); any other keeps its stored
+        orientation."""
+        if not modality_of(self.modality).chest_wall_left:
+            self.flip_horizontal = self.flip_vertical = False
+            return
         header_h, self.flip_vertical = self.header_flips()
         side = chest_wall_side(foreground_mask(self._original_display))
         pixel_h = None if side is None else side == "right"

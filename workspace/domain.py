@@ -3,7 +3,7 @@
 An image's *domain features* are computed once, at import, from what the model sees (raw intensities in
 [0, 1], normalised orientation) and the breast foreground, and kept in the catalog (``images.domain_features``;
 :func:`features_of` fills them in for images imported before): the film or detector background level (the
-image's 1st percentile), the 5th, 50th and 95th percentiles of the breast, the pixel spacing and the stored
+image's 1st percentile), the 5th, 50th and 95th percentiles of the foreground (the breast), the pixel spacing and the stored
 bit depth.
 
 A model's *training domain* (``meta["training_domain"]``, :func:`domain_profile` of its training images,
@@ -22,10 +22,9 @@ from typing import Any
 
 import numpy as np
 
-DOMAIN_FEATURES = ("background", "breast_p05", "breast_p50", "breast_p95")
-FEATURE_NAMES = {"background": "background level", "breast_p05": "breast intensity (5th percentile)",
-                 "breast_p50": "breast intensity (median)", "breast_p95": "breast intensity (95th percentile)"}
-MIN_MARGIN = {"background": 0.01, "breast_p05": 0.03, "breast_p50": 0.03, "breast_p95": 0.03}
+DOMAIN_FEATURES = ("background", "foreground_p05", "foreground_p50", "foreground_p95")
+PERCENTILE_NAMES = {"foreground_p05": "5th percentile", "foreground_p50": "median", "foreground_p95": "95th percentile"}
+MIN_MARGIN = {"background": 0.01, "foreground_p05": 0.03, "foreground_p50": 0.03, "foreground_p95": 0.03}
 SPACING_MARGIN_MM = 0.01
 _SAMPLE_STEP = 4  # features are read off every 4th pixel of each axis: ~1/16 of the image is plenty
 
@@ -37,8 +36,8 @@ def mean_spacing(row_mm: float | None, col_mm: float | None) -> float | None:
 
 def image_features(model_pixels: np.ndarray, foreground: np.ndarray, *, pixel_spacing: float | None = None,
                    bits_stored: int | None = None) -> dict[str, Any]:
-    """The domain features of one image: ``model_pixels`` float (rows, cols) in [0, 1] and its breast
-    ``foreground`` (bool, same shape or a block-downsampled one)."""
+    """The domain features of one image: ``model_pixels`` float (rows, cols) in [0, 1] and its
+    ``foreground`` (the breast, or the body) (bool, same shape or a block-downsampled one)."""
     step = _SAMPLE_STEP
     pixels = np.asarray(model_pixels)[::step, ::step]
     fg = np.asarray(foreground, dtype=bool)
@@ -47,15 +46,15 @@ def image_features(model_pixels: np.ndarray, foreground: np.ndarray, *, pixel_sp
 
         fg = upsample_mask(fg, *np.asarray(model_pixels).shape)
     fg = fg[::step, ::step]
-    breast = pixels[fg]
+    region = pixels[fg]
     features: dict[str, Any] = {"pixel_spacing_mm": pixel_spacing, "bits_stored": bits_stored}
     # the darkest 1 % of the image: the film base or the detector's empty field, whatever the mask found
     features["background"] = float(np.quantile(pixels, 0.01))
-    if breast.size:
-        p05, p50, p95 = np.quantile(breast, [0.05, 0.5, 0.95])
-        features.update(breast_p05=float(p05), breast_p50=float(p50), breast_p95=float(p95))
+    if region.size:
+        p05, p50, p95 = np.quantile(region, [0.05, 0.5, 0.95])
+        features.update(foreground_p05=float(p05), foreground_p50=float(p50), foreground_p95=float(p95))
     else:
-        features.update(breast_p05=None, breast_p50=None, breast_p95=None)
+        features.update(foreground_p05=None, foreground_p50=None, foreground_p95=None)
     return features
 
 
@@ -105,9 +104,13 @@ class DomainVerdict:
         return cls(checked=bool(d.get("checked")), reasons=list(d.get("reasons") or []))
 
 
-def check_domain(profile: dict | None, features: dict[str, Any], dataset: str | None = None) -> DomainVerdict:
-    """Compare one image's :func:`image_features` (and the data set it comes from) with a training-domain
-    profile; unchecked when the model has no profile."""
+def check_domain(profile: dict | None, features: dict[str, Any], dataset: str | None = None,
+                 modality: str | None = None) -> DomainVerdict:
+    """Compare one image's :func:`image_features` (and the data set it comes from, and its DICOM modality for
+    the wording) with a training-domain profile; unchecked when the model has no profile."""
+    from workspace.modality import modality_of
+
+    region = modality_of(modality)
     if not profile:
         return DomainVerdict(checked=False)
     reasons = []
@@ -122,7 +125,8 @@ def check_domain(profile: dict | None, features: dict[str, Any], dataset: str | 
         low, high = float(bounds["low"]), float(bounds["high"])
         margin = max(0.5 * (high - low), MIN_MARGIN.get(name, 0.0))
         if not low - margin <= value <= high + margin:
-            reasons.append(f"{FEATURE_NAMES.get(name, name)} {value:.3f}, training images {low:.3f}-{high:.3f}")
+            label = region.region_intensity(PERCENTILE_NAMES[name]) if name in PERCENTILE_NAMES else "background level"
+            reasons.append(f"{label} {value:.3f}, training images {low:.3f}-{high:.3f}")
     spacing, trained_spacing = features.get("pixel_spacing_mm"), profile.get("pixel_spacing_mm")
     if trained_spacing:
         low, high = float(trained_spacing["low"]), float(trained_spacing["high"])
@@ -163,7 +167,8 @@ def domain_of(ws: Any, row: dict, profile: dict | None, **options: Any) -> Domai
     """:func:`check_domain` of a catalog image against a model's ``training_domain``."""
     if not profile:
         return DomainVerdict(checked=False)
-    return check_domain(profile, features_of(ws, row, **options), dataset=row.get("dataset"))
+    return check_domain(profile, features_of(ws, row, **options), dataset=row.get("dataset"),
+                        modality=row.get("modality"))
 
 
 __all__ = ["DOMAIN_FEATURES", "DomainVerdict", "mean_spacing", "image_features", "domain_profile", "check_domain",

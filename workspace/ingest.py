@@ -37,6 +37,7 @@ from workspace.dicom_io import (
 )
 from workspace.domain import image_features, mean_spacing
 from workspace.errors import CatalogError, DicomReadError, MammoError
+from workspace.modality import modality_of
 from workspace.progress import progress
 from workspace.schema import utc_now
 
@@ -49,7 +50,7 @@ NON_MG_POLICIES = ("warn", "refuse")
 # the label from BI-RADS); ``extra`` may set any other column.
 _PROTECTED = {"image_id", "patient_id", "dataset", "source_sha1", "created_at", "rows", "cols",
               "display_path", "foreground_path", "flip_horizontal", "flip_vertical", "split", "birads",
-              "label", "density", "warnings", "inferred", "domain_features"}
+              "label", "density", "warnings", "inferred", "domain_features", "modality"}
 
 
 # -- paths -----------------------------------------------------------------------------------------
@@ -169,7 +170,8 @@ def _register_image(ws: Workspace, db: sqlite_utils.Database, image: DicomImage,
         source_path=stored_path(ws, image.path), source_sha1=sha1,
         study_id=pseudonym(ws, "S", dataset, image.study_instance_uid) if image.study_instance_uid else None,
         split=patient_split or split, birads=birads_text,
-        label=label if label is not None else label_from_birads(birads_text), density=density,
+        label=label if label is not None else (label_from_birads(birads_text)
+                                               if modality_of(image.modality).birads else None), density=density,
         display_path=stored_path(ws, display_file), foreground_path=stored_path(ws, foreground_file),
         warnings=json.dumps(notes) if notes else None, created_at=utc_now(),
     )

@@ -446,7 +446,7 @@ class ImageMasks:
             inter += i_p
             union += area + self.own_area(int(p)) - i_p
         if not covering:
-            raise QueryError("the ROI has no pixel inside any patch of the read (outside the breast?)")
+            raise QueryError("the ROI has no pixel inside any patch of the read (outside the imaged tissue?)")
         iou = inter / union
         ranking, aligned = _rank(iou, iou_threshold)
         top = int(ranking[0])

@@ -265,6 +265,13 @@ M7_MODEL_OPTIONS = ("""
         """)
 
 
+M8_MODALITY = ("""
+        -- The DICOM Modality of an image (MG, CR, DX ...): what the workflow may assume of it
+        -- (workspace.modality). NULL for rows imported before: mammography.
+        ALTER TABLE images ADD COLUMN modality TEXT;
+        """)
+
+
 MIGRATIONS: list[tuple[int, str, str]] = [
     (1, "catalog: patients, images, lesions, patches", M1_CATALOG),
     (2, "models, dissection runs, image reads", M2_RUNS),
@@ -273,6 +280,7 @@ MIGRATIONS: list[tuple[int, str, str]] = [
     (5, "images: view / laterality inferred from the file's text", M5_INFERRED),
     (6, "images: domain features", M6_DOMAIN),
     (7, "models: load options", M7_MODEL_OPTIONS),
+    (8, "images: modality", M8_MODALITY),
 ]
 
 
