@@ -32,10 +32,10 @@ from workspace.catalog import get_image, open_catalog
 from workspace.config import Workspace
 from workspace.domain import DomainVerdict, domain_of
 from workspace.errors import CatalogError, MammoError, ModelError
+from workspace.patches import DEFAULT_MIN_TISSUE, tissue_grid  # the read grid is a patch rule
 from workspace.progress import progress
 from workspace.schema import utc_now
 
-DEFAULT_MIN_TISSUE = 0.1
 DEFAULT_BATCH = 8
 CACHE_VERSION = 1
 
@@ -73,29 +73,6 @@ class MammogramRead:
         """Indices of the patches whose box contains the point (x, y)."""
         b = self.boxes
         return np.flatnonzero((b[:, 0] <= x) & (x < b[:, 0] + b[:, 2]) & (b[:, 1] <= y) & (y < b[:, 1] + b[:, 3]))
-
-
-def grid_positions(length: int, size: int, stride: int) -> list[int]:
-    """Patch starts along one axis: every ``stride``, plus one flush with the far edge if needed."""
-    starts = list(range(0, length - size + 1, stride))
-    if starts and starts[-1] + size < length:
-        starts.append(length - size)
-    return starts
-
-
-def tissue_grid(foreground: np.ndarray, size: int, stride: int, min_tissue: float) -> np.ndarray:
-    """(N, 4) [x, y, w, h] boxes of the grid whose foreground fraction is at least ``min_tissue``."""
-    rows, cols = foreground.shape
-    integral = np.zeros((rows + 1, cols + 1), dtype=np.int64)
-    integral[1:, 1:] = np.cumsum(np.cumsum(foreground, axis=0, dtype=np.int64), axis=1)
-    boxes = []
-    for y in grid_positions(rows, size, stride):
-        for x in grid_positions(cols, size, stride):
-            inside = (integral[y + size, x + size] - integral[y, x + size] - integral[y + size, x]
-                      + integral[y, x])
-            if inside >= min_tissue * size * size:
-                boxes.append((x, y, size, size))
-    return np.array(boxes, dtype=np.int64).reshape(-1, 4)
 
 
 def _cache_paths(ws: Workspace, image_id: str, digest: str, layer: str, stride: int,
@@ -260,5 +237,5 @@ def read_many(ws: Workspace, image_ids: list[str], loaded: LoadedModel, **option
     return ReadSummary(reads=reads, errors=errors)
 
 
-__all__ = ["MammogramRead", "ReadSummary", "grid_positions", "tissue_grid", "score_grid", "read_mammogram",
-           "read_many", "DEFAULT_MIN_TISSUE"]
+__all__ = ["MammogramRead", "ReadSummary", "score_grid", "read_mammogram",
+           "read_many"]

@@ -12,12 +12,13 @@ import torch
 
 from models.checkpoint import base_meta, load_checkpoint, save_checkpoint
 from models.features import capture
-from models.inference import grid_positions, read_mammogram, read_many, tissue_grid
+from models.inference import read_mammogram, read_many
 from models.vgg import build_vgg
 from tests.fixtures.dicom import breast_phantom, write_dicom
 from workspace import ingest
 from workspace.catalog import open_catalog
 from workspace.errors import CatalogError, MammoError, ModelError
+from workspace.patches import grid_positions, tissue_grid
 
 PATCH = 128
 

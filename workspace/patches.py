@@ -62,6 +62,8 @@ from workspace.progress import progress
 from workspace.schema import utc_now
 
 BENIGN = ("benign", "benign_without_callback")
+DEFAULT_MIN_TISSUE = 0.1
+"""A read grid's patch holds at least this fraction of foreground (:func:`tissue_grid`)."""
 UNLABELLED = -1
 """``patches.label`` of a patch from an unlabelled image (:func:`build_tissue_patch_set`): neither lesion (1)
 nor normal (0); such a set is for dissection, not for training."""
@@ -315,6 +317,29 @@ def _lesions_for_patches(lesions: list[dict]) -> list[dict]:
     return [le for le in lesions if le["pathology"] not in BENIGN]
 
 
+def grid_positions(length: int, size: int, stride: int) -> list[int]:
+    """Patch starts along one axis: every ``stride``, plus one flush with the far edge if needed."""
+    starts = list(range(0, length - size + 1, stride))
+    if starts and starts[-1] + size < length:
+        starts.append(length - size)
+    return starts
+
+
+def tissue_grid(foreground: np.ndarray, size: int, stride: int, min_tissue: float) -> np.ndarray:
+    """(N, 4) [x, y, w, h] boxes of the grid whose foreground fraction is at least ``min_tissue``."""
+    rows, cols = foreground.shape
+    integral = np.zeros((rows + 1, cols + 1), dtype=np.int64)
+    integral[1:, 1:] = np.cumsum(np.cumsum(foreground, axis=0, dtype=np.int64), axis=1)
+    boxes = []
+    for y in grid_positions(rows, size, stride):
+        for x in grid_positions(cols, size, stride):
+            inside = (integral[y + size, x + size] - integral[y, x + size] - integral[y + size, x]
+                      + integral[y, x])
+            if inside >= min_tissue * size * size:
+                boxes.append((x, y, size, size))
+    return np.array(boxes, dtype=np.int64).reshape(-1, 4)
+
+
 def build_patch_set(ws: Workspace, name: str = "default", *, size: int = 512, step: int = 256,
                     inside: str = "centre", normal: str = DEFAULT_NORMAL_RULE, seed: int = 0,
                     dataset: str | None = None) -> dict[str, Any]:
@@ -414,7 +439,6 @@ def build_tissue_patch_set(ws: Workspace, name: str = "tissue", *, size: int = 5
     ``size`` patches holding at least ``min_tissue`` breast foreground, the grid ``mammo read`` scores),
     ``label`` :data:`UNLABELLED`. Dissection needs no labels (the paper dissects over patches), so an
     unlabelled folder can be imported, read and dissected. ``dataset`` limits the images."""
-    from models.inference import DEFAULT_MIN_TISSUE, tissue_grid
     from workspace.catalog import open_catalog
     from workspace.ingest import load_foreground
 
