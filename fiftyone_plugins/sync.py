@@ -73,6 +73,7 @@ def model_reader(ws: Workspace, run: Any, loaded: Any = None, batch_size: int = 
     """Scores and feature maps of the run's patches from the run's model (via ``models.features.capture``)."""
     import torch
 
+    from models.checkpoint import malignant_probability
     from models.features import capture
     from workspace.catalog import open_catalog
     from workspace.patches import open_patch_set
@@ -100,7 +101,7 @@ def model_reader(ws: Workspace, run: Any, loaded: Any = None, batch_size: int = 
             x = patch_set.batch([index[p]["array_index"] for p in chunk]).to(device)
             with torch.inference_mode(), capture(model, run.layer) as tap:
                 logits = model(loaded.preprocess(x))
-            scores = torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
+            scores = malignant_probability(logits).cpu().numpy()
             yield chunk, scores, tap.output.float().cpu().numpy()
 
     read.operating_point = loaded.operating_point  # type: ignore[attr-defined]

@@ -44,6 +44,7 @@ from ml_backend import label_configs as lc
 from ml_backend import predictions as pr
 from ml_backend.predictions import RequestError
 from workspace.catalog import json_default
+from workspace.concepts import encode_roi
 from workspace.config import Workspace
 from workspace.errors import MammoError
 
@@ -231,13 +232,12 @@ class Backend:
         box = task["data"].get("box")
         if not isinstance(box, list | tuple) or len(box) != 4:
             raise RequestError(f"task {task.get('id')} carries no patch box", code="bad_task")
-        boxes = np.asarray(read.boxes)
-        found = np.flatnonzero((boxes == np.asarray(box, dtype=boxes.dtype)[None, :]).all(axis=1))
-        if not len(found):
+        index = read.index_of(box)
+        if index is None:
             raise RequestError(f"task {task.get('id')}: the model's read of {task['data'].get('image_id')} has "
                                f"no patch at {list(box)} (re-provision after a model change)",
                                status=404, code="unknown_patch")
-        return int(found[0])
+        return index
 
     def prediction(self, task: dict, info: lc.ConfigInfo) -> dict:
         """The model's read of one task as a Label Studio prediction."""
@@ -340,7 +340,7 @@ class Backend:
         results = pr.asked_rois(context.get("result") if isinstance(context, dict) else None)
         q = self.query(task, info, results)
         labels = self.labels()
-        roi_geometry = pr.roi_geometry(q["roi"])
+        roi_geometry = encode_roi(q["roi"])
         query_id = self.store.record_query(
             self.run.model_digest, self.run.layer, roi=roi_geometry, ranking=q["iou"], aligned=q["aligned"],
             iou_threshold=self.iou_threshold, asked_by=asked_by, source="labelstudio", image_id=q["image_id"],

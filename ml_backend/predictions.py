@@ -259,32 +259,6 @@ def roi_mask(results: Sequence[dict] | None, width: int, height: int) -> np.ndar
     return mask
 
 
-def roi_geometry(mask: np.ndarray) -> dict:
-    """``workspace.concepts.encode_roi(mask)``, computed on the mask's bounding box only (a full
-    mammogram's mask is millions of pixels; an ROI covers a few thousand)."""
-    mask = np.asarray(mask, dtype=bool)
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
-        return {"type": "mask", "shape": list(mask.shape), "bbox": None, "area": 0, "rle": []}
-    y0, y1 = int(rows[0]), int(rows[-1]) + 1
-    cols = np.flatnonzero(mask[y0:y1].any(axis=0))
-    x0, x1 = int(cols[0]), int(cols[-1]) + 1
-    flat = mask[y0:y1, x0:x1].ravel()
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    runs = np.diff(np.concatenate([[0], change, [flat.size]])).tolist()
-    if flat[0]:
-        runs = [0, *runs]
-    return {"type": "mask", "shape": list(mask.shape), "bbox": [x0, y0, x1 - x0, y1 - y0],
-            "area": int(np.count_nonzero(flat)), "rle": runs}
-
-
-def check_inside(mask: np.ndarray, valid: np.ndarray | None, what: str = "the breast") -> None:
-    """An ROI that covers nothing the model read (e.g. only background) cannot be answered."""
-    if valid is not None and not (mask & valid).any():
-        raise RequestError(f"the ROI lies outside {what}: no patch the model read covers it",
-                           code="roi_outside_image")
-
-
 def as_request_error(error: Exception) -> RequestError:
     """A core error (unknown image, bad query...) as a request error with the right status."""
     if isinstance(error, RequestError):
@@ -305,4 +279,4 @@ def as_request_error(error: Exception) -> RequestError:
 
 __all__ = ["RequestError", "rectangle", "brush", "see_through", "SEE_THROUGH_ALPHA", "choice", "text_area",
            "assessment", "unit_text", "unit_region_id", "unit_of_region", "ROI_CONTROLS", "ECHO_PREFIX", "roi_regions",
-           "asked_rois", "echo_rois", "roi_mask", "roi_geometry", "check_inside", "as_request_error", "region_id"]
+           "asked_rois", "echo_rois", "roi_mask", "as_request_error", "region_id"]

@@ -25,6 +25,7 @@ from ml_backend import label_configs as lc
 from ml_backend import predictions as pr
 from ml_backend.predictions import RequestError
 from workspace.catalog import json_default
+from workspace.concepts import encode_roi
 from workspace.schema import utc_now
 
 if TYPE_CHECKING:
@@ -148,7 +149,7 @@ def _label_from_roi(backend: Backend, task: dict, info: lc.ConfigInfo, results: 
                     action: str, annotation: dict, labelled: dict, notes: list[str]) -> dict:
     """Query the ROI again (cached maps: cheap), record the query, label the aligned or kept units."""
     q = backend.query(task, info, results)
-    geometry = pr.roi_geometry(q["roi"])
+    geometry = encode_roi(q["roi"])
     query_id = backend.store.record_query(
         backend.run.model_digest, backend.run.layer, roi=geometry, ranking=q["iou"], aligned=q["aligned"],
         iou_threshold=backend.iou_threshold, asked_by=reader, source="labelstudio", image_id=q["image_id"],

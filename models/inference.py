@@ -69,6 +69,12 @@ class MammogramRead:
         idx = np.flatnonzero(self.scores >= self.operating_point)
         return idx[np.argsort(-self.scores[idx], kind="stable")]
 
+    def index_of(self, box: Any) -> int | None:
+        """The index of the patch with this [x, y, w, h] box, or None."""
+        boxes = np.asarray(self.boxes)
+        found = np.flatnonzero((boxes == np.asarray(box, dtype=boxes.dtype)[None, :]).all(axis=1))
+        return int(found[0]) if len(found) else None
+
     def patches_covering(self, x: int, y: int) -> np.ndarray:
         """Indices of the patches whose box contains the point (x, y)."""
         b = self.boxes

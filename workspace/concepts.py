@@ -246,22 +246,24 @@ def _is_busy(error: BaseException) -> bool:
 
 def encode_roi(mask: np.ndarray) -> dict:
     """A boolean ROI mask as JSON-able geometry: shape, bounding box [x, y, w, h], area and a
-    run-length code of the bounding box's pixels in row-major order (first run: zeros)."""
+    run-length code of the bounding box's pixels in row-major order (first run: zeros). Computed on the
+    bounding box only: a full mammogram's mask is millions of pixels, an ROI a few thousand."""
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 2:
         raise ConceptError(f"an ROI mask is 2-D, not of shape {mask.shape}")
-    ys, xs = np.nonzero(mask)
-    if len(ys) == 0:
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
         return {"type": "mask", "shape": list(mask.shape), "bbox": None, "area": 0, "rle": []}
-    y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    y0, y1 = int(rows[0]), int(rows[-1]) + 1
+    cols = np.flatnonzero(mask[y0:y1].any(axis=0))
+    x0, x1 = int(cols[0]), int(cols[-1]) + 1
     flat = mask[y0:y1, x0:x1].ravel()
-    change = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
-    bounds = np.concatenate([[0], change, [flat.size]])
-    runs = np.diff(bounds).tolist()
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    runs = np.diff(np.concatenate([[0], change, [flat.size]])).tolist()
     if flat[0]:
         runs = [0, *runs]
     return {"type": "mask", "shape": list(mask.shape), "bbox": [x0, y0, x1 - x0, y1 - y0],
-            "area": int(len(ys)), "rle": runs}
+            "area": int(np.count_nonzero(flat)), "rle": runs}
 
 
 def decode_roi(geometry: dict) -> np.ndarray:

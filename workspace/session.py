@@ -218,10 +218,10 @@ class Session:
             raise ReportError(f"the read of {image_id} tapped layer {read.layer}, run {run.run_id} layer {run.layer}")
         maps = read.maps
         if patch_box is not None:
-            chosen = np.flatnonzero((np.asarray(read.boxes) == np.asarray(patch_box)[None, :]).all(axis=1))
-            if len(chosen) == 0:
+            index = read.index_of(patch_box)
+            if index is None:
                 raise ReportError(f"no patch of the read of {image_id} has the box {list(patch_box)}")
-            maps = maps[chosen]
+            maps = maps[[index]]
         # max over patches and positions; float16 max is exact, and a memory-mapped cache streams
         max_acts = np.asarray(np.max(maps, axis=(0, 2, 3)), dtype=np.float64)
         iou = aligned = roi_geometry = roi_mask = None
