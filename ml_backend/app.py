@@ -33,7 +33,6 @@ import os
 import threading
 import time
 import traceback
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -47,6 +46,7 @@ from workspace.catalog import json_default
 from workspace.concepts import encode_roi
 from workspace.config import Workspace
 from workspace.errors import MammoError
+from workspace.session import Lru, Session
 
 log = logging.getLogger("mammo.ml_backend")
 
@@ -58,35 +58,12 @@ RUN_ENV = "MAMMO_BACKEND_RUN"
 MODEL_ENV = "MAMMO_BACKEND_MODEL"
 
 
-class _Lru:
-    """A small thread-safe LRU cache (reads and per-patch masks of the images being read now)."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self._data: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Any, make: Callable[[], Any]) -> Any:
-        with self._lock:
-            if key in self._data:
-                self._data.move_to_end(key)
-                return self._data[key]
-        value = make()
-        with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.size:
-                self._data.popitem(last=False)
-        return value
-
-
 def load_model_and_run(ws: Workspace, *, run_id: str | None = None, model_path: str | os.PathLike | None = None,
                        device: str | None = None):
     """The dissection run to answer with (``run_id``, else ``$MAMMO_BACKEND_RUN``, else the newest complete
     run) and its model, by :meth:`workspace.session.Session.open`'s rule (``model_path``, else
     ``$MAMMO_BACKEND_MODEL``, overrides the file and must have the run's digest)."""
     from workspace.dissect_run import run_or_newest
-    from workspace.session import Session
 
     run = run_or_newest(ws, run_id or os.environ.get(RUN_ENV))
     session = Session.open(ws, run=run, model=model_path or os.environ.get(MODEL_ENV) or None, device=device)
@@ -109,8 +86,6 @@ class Backend:
                  top_units: int = DEFAULT_TOP_UNITS, device: str | None = None, loaded=None, run=None):
         self.ws = ws
         self.top_units = int(top_units)
-        from workspace.session import Session
-
         if loaded is None or run is None:
             loaded, run = load_model_and_run(ws, run_id=run_id, model_path=model_path, device=device)
         self.session = Session(ws=ws, loaded=loaded, run=run)
@@ -120,13 +95,10 @@ class Backend:
         self.iou_threshold = self.session.iou_threshold
         self.model_version = model_version(self.loaded, self.run)
         self.card = self.loaded.card
-        self._reads = _Lru(16)
-        self._images = _Lru(256)
-        self._activations = _Lru(64)
-        self._masks_lock = threading.Lock()
+        self._images = Lru(256)
+        self._activations = Lru(64)
         self._warming: set[str] = set()
         self._warmer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm-masks")
-        self._forward_lock = threading.Lock()
         self._labelstudio: tuple[str, str] | None = None
         self._emails: dict[int, str | None] = {}
 
@@ -144,14 +116,8 @@ class Backend:
         return self._images.get(image_id, load)
 
     def read(self, image_id: str):
-        """The model's read of an image (maps kept), from the process cache, the disk cache, or a forward pass."""
-        from models.inference import read_mammogram
-
-        def load():
-            with self._forward_lock:  # one forward pass at a time: the CPU is shared with the server
-                return read_mammogram(self.ws, image_id, self.loaded, keep_maps=True)
-
-        return self._reads.get(image_id, load)
+        """The model's read of an image (maps kept): the session's (memory, disk cache, or a forward pass)."""
+        return self.session.read(image_id)
 
     def patch_masks(self, image_id: str, index: int):
         """The masks of patch ``index`` of the image's read: the same object the ROI queries and the
@@ -159,12 +125,8 @@ class Backend:
         return self.image_masks(image_id).patch(int(index))
 
     def image_masks(self, image_id: str):
-        """The query engine's per-patch masks of an image (built lazily, kept in its cache)."""
-        from workspace.query import image_masks_for
-
-        self.read(image_id)  # a forward pass, when needed, under the backend's lock
-        with self._masks_lock:  # the engine's cache is a plain OrderedDict
-            return image_masks_for(self.ws, image_id, self.loaded, self.run)
+        """The query engine's per-patch masks of an image (the session's, shared with every query)."""
+        return self.session.image_masks(image_id)
 
     def warm(self, image_id: str) -> None:
         """Build every patch's masks of an image in the background, so the reader's first ROIs are fast."""
@@ -312,14 +274,11 @@ class Backend:
     def query(self, task: dict, info: lc.ConfigInfo, results: list | None) -> dict:
         """Answer an ROI: ``{"image_id", "roi" (mask), "iou" (units,), "ranking", "aligned", "masks"
         (callable unit -> full-size mask of the displayed image), "patch_box", "index"}``."""
-        from workspace.query import query_patch
-
         task_id, image_id, row = self._task_image(task)
         if info.kind == lc.SCREENING:
             width, height = int(row["cols"]), int(row["rows"])
             roi = pr.roi_mask(results, width, height)
-            # = workspace.query.query_image(ws, image_id, roi, loaded, run), with the masks warmed and shared
-            answer = self.image_masks(image_id).query(roi, self.iou_threshold)
+            answer = self.session.query(image_id, roi)
             self.warm(image_id)
             iou = np.asarray(answer.iou, dtype=np.float64)
             return {"image_id": image_id, "roi": roi, "iou": iou, "ranking": [int(u) for u in answer.ranking],
@@ -330,7 +289,7 @@ class Backend:
         box = [int(v) for v in np.asarray(read.boxes)[index]]
         roi = pr.roi_mask(results, box[2], box[3])
         patch_masks = self.patch_masks(image_id, index)
-        answer = query_patch(patch_masks, roi, iou_threshold=self.iou_threshold)
+        answer = self.session.query_patch(image_id, index, roi)
         return {"image_id": image_id, "roi": roi, "iou": np.asarray(answer.iou, dtype=np.float64),
                 "ranking": [int(u) for u in answer.ranking], "aligned": [int(u) for u in answer.aligned],
                 "mask": patch_masks.mask, "patch_box": box, "index": index, "answer": answer}

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,15 +82,48 @@ def roi_mask_from_png(path: str | os.PathLike, shape: tuple[int, int]) -> np.nda
     return mask
 
 
+class Lru:
+    """A small thread-safe LRU memo (``get(key, make)``): ``make`` runs outside the lock."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._data: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any, make: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                return self._data[key]
+        value = make()
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
+        return value
+
+
+READS_IN_MEMORY = 16  # reads (maps memory-mapped from the disk cache) a session keeps at hand
+
+
 @dataclass
 class Session:
-    """A workspace's model, dissection run (or None) and concept store; see the module docstring."""
+    """A workspace's model, dissection run (or None) and concept store; see the module docstring.
+
+    The caches of a session, for a long-lived one (the backend): the disk cache of reads
+    (``models.inference``), the last :data:`READS_IN_MEMORY` reads in memory, and the query engine's
+    per-patch masks of the images being asked about (``workspace.query.image_masks_for``, guarded here).
+    One forward pass runs at a time: the CPU is shared with the server."""
 
     ws: Workspace
     loaded: Any
     run: Any | None
     iou_threshold: float = DEFAULT_IOU_THRESHOLD
     _store: Any = field(default=None, repr=False)
+    _reads: Lru = field(default_factory=lambda: Lru(READS_IN_MEMORY), repr=False)
+    _forward_lock: Any = field(default_factory=threading.Lock, repr=False)
+    _masks_lock: Any = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def open(cls, ws: Workspace | str | os.PathLike | None, *, run: Any = None, model: Any = None,
@@ -170,10 +205,28 @@ class Session:
 
     # -- use cases ---------------------------------------------------------------------------
     def read(self, image_id: str, **options: Any) -> Any:
-        """The model's read of an image (cached per image and model): ``models.inference.read_mammogram``."""
+        """The model's read of an image, maps kept (``models.inference.read_mammogram``: cached on disk per
+        image, model and layer; the last reads also in memory). ``options`` (stride, keep_maps=False...)
+        read past the memory memo."""
         from models.inference import read_mammogram
 
-        return read_mammogram(self.ws, image_id, self.loaded, **options)
+        if options and options != {"keep_maps": True}:
+            return read_mammogram(self.ws, image_id, self.loaded, **options)
+
+        def forward() -> Any:
+            with self._forward_lock:
+                return read_mammogram(self.ws, image_id, self.loaded, keep_maps=True)
+
+        return self._reads.get(image_id, forward)
+
+    def image_masks(self, image_id: str) -> Any:
+        """The query engine's per-patch masks of an image's read under the run's thresholds (built lazily,
+        shared by every query on that image)."""
+        from workspace.query import image_masks_for
+
+        read = self.read(image_id)
+        with self._masks_lock:  # the engine's cache is a plain OrderedDict
+            return image_masks_for(self.ws, image_id, self.loaded, self.require_run(), read=read)
 
     def roi_of(self, image_id: str, roi: np.ndarray | Sequence[float]) -> np.ndarray:
         """An ROI as a bool mask of the image: a mask of its size, or an [x, y, w, h] box."""
@@ -189,12 +242,20 @@ class Session:
             return mask
         return roi_from_box(tuple(float(v) for v in roi), shape)
 
-    def query(self, image_id: str, roi: np.ndarray | Sequence[float], *, read: Any = None) -> Any:
-        """Every unit ranked by the IoU of its mask with the ROI (``workspace.query.query_image``)."""
-        from workspace.query import query_image
+    def query(self, image_id: str, roi: np.ndarray | Sequence[float]) -> Any:
+        """Every unit ranked by the IoU of its mask with the ROI (a bool mask of the image, or an [x, y, w, h]
+        box), summed over the patches the ROI covers: ``ImageMasks.query``."""
+        from workspace.query import roi_from_box
 
-        return query_image(self.ws, image_id, self.roi_of(image_id, roi), self.loaded, self.require_run(),
-                           iou_threshold=self.iou_threshold, read=read)
+        masks = self.image_masks(image_id)
+        mask = roi if np.ndim(roi) == 2 else roi_from_box(tuple(float(v) for v in roi), tuple(masks.shape))
+        return masks.query(mask, self.iou_threshold)
+
+    def query_patch(self, image_id: str, index: int, roi: np.ndarray) -> Any:
+        """An ROI (bool, the patch's size) on patch ``index`` of the image's read: ``workspace.query.query_patch``."""
+        from workspace.query import query_patch
+
+        return query_patch(self.image_masks(image_id).patch(int(index)), roi, iou_threshold=self.iou_threshold)
 
     def ask(self, image_id: str, roi: np.ndarray | Sequence[float], *, asked_by: str, source: str,
             patch_box: Sequence[int] | None = None) -> Any:
@@ -227,7 +288,7 @@ class Session:
         iou = aligned = roi_geometry = roi_mask = None
         if roi is not None:
             roi_mask = self.roi_of(image_id, roi)
-            result = self.query(image_id, roi_mask, read=read)
+            result = self.query(image_id, roi_mask)
             iou = np.asarray(result.iou, dtype=np.float64)
             aligned = [int(u) for u in result.aligned]
             roi_geometry = encode_roi(roi_mask)
@@ -255,4 +316,4 @@ class Session:
                             roi=roi_geometry, thumbnail=thumb, read=read, card=self.card)
 
 
-__all__ = ["Session", "load_run_model", "roi_mask_from_png"]
+__all__ = ["Session", "Lru", "load_run_model", "roi_mask_from_png", "READS_IN_MEMORY"]
