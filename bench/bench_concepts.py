@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("MAMMO_QUIET", "1")
 
-from workspace.concepts import ConceptStore  # noqa: E402
-from workspace.config import Workspace  # noqa: E402
+from workspace.base.config import Workspace  # noqa: E402
+from workspace.dissect.concepts import ConceptStore  # noqa: E402
 
 MODEL, LAYER = "bench000000000001", "features.29"
 CONCEPTS = ("mass", "calcification", "architectural distortion")

@@ -32,8 +32,8 @@ os.environ.setdefault("MAMMO_QUIET", "1")
 
 from models.features import capture  # noqa: E402
 from models.vgg import DISSECTED_LAYER, build_vgg  # noqa: E402
-from workspace.config import Workspace  # noqa: E402
-from workspace.dissect_run import ActivationSource, execute_run  # noqa: E402
+from workspace.base.config import Workspace  # noqa: E402
+from workspace.dissect.dissect_run import ActivationSource, execute_run  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -70,8 +70,8 @@ MEM_CHILD = """
 import json, os, sys, tempfile, threading, time, numpy as np, torch
 sys.path.insert(0, {root!r})
 os.environ["MAMMO_QUIET"] = "1"
-from workspace.config import Workspace
-from workspace.dissect_run import ActivationSource, execute_run
+from workspace.base.config import Workspace
+from workspace.dissect.dissect_run import ActivationSource, execute_run
 n, units = int(sys.argv[1]), int(sys.argv[2])
 gen = torch.Generator().manual_seed(0)
 def acts(a, b):

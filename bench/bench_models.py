@@ -150,9 +150,9 @@ def bench_read(args: argparse.Namespace) -> dict:
     """One synthetic 3328 x 2560 mammogram read by the slim model, through the real catalog path."""
     from models.checkpoint import SHIPPED_DEMO, base_meta, load_checkpoint, save_checkpoint
     from models.inference import read_mammogram
-    from workspace import ingest, synth
-    from workspace.catalog import open_catalog
-    from workspace.config import Workspace
+    from workspace.base.catalog import open_catalog
+    from workspace.base.config import Workspace
+    from workspace.data import ingest, synth
 
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace.open(Path(tmp) / "ws")

@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workspace.dissection import pca_embedding, roi_iou, unit_masks  # noqa: E402
-from workspace.query import PatchMasks, query_patch, roi_from_box  # noqa: E402
+from workspace.dissect.dissection import pca_embedding, roi_iou, unit_masks  # noqa: E402
+from workspace.dissect.query import PatchMasks, query_patch, roi_from_box  # noqa: E402
 
 
 def activation_like(n: int, units: int, rng: np.random.Generator) -> np.ndarray:

@@ -53,11 +53,11 @@ def build_workspace(root: Path, patients: int):
 
     from models.checkpoint import SHIPPED_DEMO, base_meta, load_checkpoint, register_model, save_checkpoint
     from models.vgg import build_vgg
-    from workspace.catalog import open_catalog
-    from workspace.config import Workspace
-    from workspace.dissect_run import run_dissection
-    from workspace.patches import build_patch_set
-    from workspace.synth import synthesize
+    from workspace.base.catalog import open_catalog
+    from workspace.base.config import Workspace
+    from workspace.data.patches import build_patch_set
+    from workspace.data.synth import synthesize
+    from workspace.dissect.dissect_run import run_dissection
 
     ws = Workspace.open(root)
     t0 = time.perf_counter()
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     from ml_backend.labelstudio import launch
     from ml_backend.provision import provision
     from ml_backend.serve import start_backend
-    from workspace.catalog import get_image, open_catalog
+    from workspace.base.catalog import get_image, open_catalog
 
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="mammo-bench-roundtrip-"))
     services = []

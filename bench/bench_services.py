@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fiftyone_plugins.launch import start_app, start_mongod
     from ml_backend.labelstudio import launch
-    from workspace.config import Workspace
+    from workspace.base.config import Workspace
 
     root = Path(tempfile.mkdtemp(prefix="mammo-bench-services-"))
     results: dict = {"cpu_count": os.cpu_count()}

@@ -3,7 +3,7 @@
     .venv/bin/python bench/check_alignment.py -w WORKSPACE [--run RUN_ID] [--images 12] [--seed 0]
 
 For each mammogram with a ground-truth lesion that is not benign (up to ``--images``, in source-path
-order), reads it with the run's model (cached), then asks two ROIs through ``workspace.query.query_image``,
+order), reads it with the run's model (cached), then asks two ROIs through ``workspace.dissect.query.query_image``,
 exactly what Label Studio's ROI box asks:
 
 - ``lesion``  the lesion's box (normalised orientation);
@@ -26,15 +26,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.inference import read_mammogram  # noqa: E402
-from workspace.catalog import get_image, open_catalog  # noqa: E402
-from workspace.config import Workspace  # noqa: E402
-from workspace.demo_check import lesion_boxes  # noqa: E402
-from workspace.dissect_run import run_or_newest  # noqa: E402
-from workspace.dissection import DEFAULT_IOU_THRESHOLD  # noqa: E402
-from workspace.errors import QueryError  # noqa: E402
-from workspace.ingest import load_foreground  # noqa: E402
-from workspace.query import query_image, roi_from_box  # noqa: E402
-from workspace.session import load_run_model  # noqa: E402
+from workspace.app.demo_check import lesion_boxes  # noqa: E402
+from workspace.base.catalog import get_image, open_catalog  # noqa: E402
+from workspace.base.config import Workspace  # noqa: E402
+from workspace.base.errors import QueryError  # noqa: E402
+from workspace.data.ingest import load_foreground  # noqa: E402
+from workspace.dissect.dissect_run import run_or_newest  # noqa: E402
+from workspace.dissect.dissection import DEFAULT_IOU_THRESHOLD  # noqa: E402
+from workspace.dissect.query import query_image, roi_from_box  # noqa: E402
+from workspace.dissect.session import load_run_model  # noqa: E402
 
 
 def control_box(foreground: np.ndarray, shape: tuple[int, int], w: int, h: int, avoid: list, rng) -> tuple | None:

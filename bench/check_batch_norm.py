@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.data import PatchData  # noqa: E402
 from models.train import Recipe, train  # noqa: E402
-from workspace.config import Workspace  # noqa: E402
+from workspace.base.config import Workspace  # noqa: E402
 
 
 def cropped(data: PatchData, crop: int, disc: float) -> PatchData:

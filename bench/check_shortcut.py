@@ -35,10 +35,10 @@ from models.checkpoint import load_checkpoint, resolve_model_path  # noqa: E402
 from models.data import PatchData  # noqa: E402
 from models.evaluate import roc_auc  # noqa: E402
 from models.inference import read_mammogram  # noqa: E402
-from workspace.catalog import open_catalog  # noqa: E402
-from workspace.config import Workspace  # noqa: E402
-from workspace.ingest import load_foreground  # noqa: E402
-from workspace.progress import progress  # noqa: E402
+from workspace.base.catalog import open_catalog  # noqa: E402
+from workspace.base.config import Workspace  # noqa: E402
+from workspace.base.progress import progress  # noqa: E402
+from workspace.data.ingest import load_foreground  # noqa: E402
 
 GROUPS = (("lesion+bg", 1, True), ("lesion-bg", 1, False), ("normal+bg", 0, True), ("normal-bg", 0, False))
 

@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from workspace.config import Workspace
-from workspace.errors import MammoError
+from workspace.base.config import Workspace
+from workspace.base.errors import MammoError
 
 UNLABELLED_COLOUR = "#b0b0b0"
 BASE_SIZE = 10
@@ -82,7 +82,7 @@ def actor(ctx: Any = None) -> str:
         value = getattr(user, attr, None) if user is not None else None
         if value:
             return str(value)
-    from workspace.concepts import default_actor
+    from workspace.dissect.concepts import default_actor
 
     return os.environ.get("MAMMO_USER") or default_actor()
 
@@ -103,7 +103,7 @@ class MapPoints:
 
 def map_points(mc: MapContext) -> MapPoints:
     """The units' PCA coordinates (neurons dataset), concepts and the latest ROI query (store)."""
-    from workspace.concepts import ConceptStore
+    from workspace.dissect.concepts import ConceptStore
 
     units, xs, ys = mc.neurons().values(["unit", "pca_x", "pca_y"])
     with ConceptStore(mc.ws) as store:
@@ -192,7 +192,7 @@ def check_unit(mc: MapContext, unit: Any) -> int:
 def label_units(mc: MapContext, units: Any, concept: str, *, by: str, description: str | None = None) -> int:
     """Label ``units`` with ``concept`` (created when new) in the store, then copy labels to the dataset."""
     from fiftyone_plugins.sync import refresh_concepts
-    from workspace.concepts import ConceptStore, parse_units
+    from workspace.dissect.concepts import ConceptStore, parse_units
 
     try:
         unit_list = parse_units(units)
@@ -212,7 +212,7 @@ def label_units(mc: MapContext, units: Any, concept: str, *, by: str, descriptio
 
 def create_concept(mc: MapContext, name: str, *, by: str, description: str | None = None,
                    colour: str | None = None):
-    from workspace.concepts import ConceptStore
+    from workspace.dissect.concepts import ConceptStore
 
     with ConceptStore(mc.ws) as store:
         return store.create_concept(name, by, description=description, colour=colour or None)
@@ -220,7 +220,7 @@ def create_concept(mc: MapContext, name: str, *, by: str, description: str | Non
 
 def concept_choices(mc: MapContext) -> list[tuple[str, int]]:
     """Existing concepts with their unit counts in this model/layer, by name."""
-    from workspace.concepts import ConceptStore
+    from workspace.dissect.concepts import ConceptStore
 
     with ConceptStore(mc.ws) as store:
         return [(c.name, c.n_units) for c in store.list_concepts(mc.model_digest, mc.layer)]

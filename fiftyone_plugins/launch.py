@@ -8,7 +8,7 @@
   Neuron map" open on the patches dataset (answered after 17 s on 2 shared cores: ``bench/bench_services.py``).
 * :func:`start_fiftyone` does both (``mammo up`` and ``mammo fiftyone app`` call it).
 
-Processes are :class:`workspace.services.Service` objects: own process group, log in ``ws.logs_dir``,
+Processes are :class:`workspace.base.services.Service` objects: own process group, log in ``ws.logs_dir``,
 stopped by PID.
 """
 
@@ -21,9 +21,9 @@ import sys
 from pathlib import Path
 
 from fiftyone_plugins import DEFAULT_PREFIX, PANEL_NAME, PLUGIN_DIR, dataset_names
-from workspace.config import Workspace
-from workspace.errors import MammoError
-from workspace.services import Service, free_port, http_ok, start_service
+from workspace.base.config import Workspace
+from workspace.base.errors import MammoError
+from workspace.base.services import Service, free_port, http_ok, start_service
 
 MONGOD_TIMEOUT_S = 30.0
 APP_TIMEOUT_S = 180.0
@@ -131,7 +131,7 @@ def sync_in_child(ws: Workspace, db_uri: str, *, prefix: str = DEFAULT_PREFIX, r
     """``mammo fiftyone sync`` in a child process (keeps FiftyOne and torch out of this one)."""
     import subprocess
 
-    command = [sys.executable, "-m", "workspace.cli", "--workspace", str(ws.root), "fiftyone", "sync",
+    command = [sys.executable, "-m", "workspace.app.cli", "--workspace", str(ws.root), "fiftyone", "sync",
                "--database-uri", db_uri, "--prefix", prefix]
     if run_id:
         command += ["--run", run_id]
@@ -173,7 +173,7 @@ def connect_here(ws: Workspace, db_uri: str) -> None:
 
 def running_mongod(ws: Workspace) -> Service | None:
     """The workspace's mongod when a ``mammo up`` / ``mammo fiftyone app`` left one running."""
-    from workspace.services import port_open, recorded_services
+    from workspace.base.services import port_open, recorded_services
 
     service = recorded_services(ws).get("mongod")
     if service is not None and service.alive() and port_open("127.0.0.1", service.port):

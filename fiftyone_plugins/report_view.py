@@ -1,4 +1,4 @@
-"""The report of one patch for the Neuron map panel: the two bar charts of :mod:`workspace.reports`.
+"""The report of one patch for the Neuron map panel: the two bar charts of :mod:`workspace.dissect.reports`.
 
 Chart 1, activation value: per concept, the mean over its units of their max activation on the
 patch divided by the unit's threshold (1.0 = as active as the unit's top 1 % on the dissection
@@ -28,9 +28,9 @@ def _bars(names: list[str], values: list[float | None], colours: list[str], hove
 
 def charts_for_sample(mc: Any, sample_id: str) -> dict | None:
     """``{"title": markdown, "plots": [(data, layout), ...], "report": dict}`` for a patches sample."""
-    from workspace.concepts import ConceptStore
-    from workspace.dissection import DEFAULT_IOU_THRESHOLD
-    from workspace.reports import build_report
+    from workspace.dissect.concepts import ConceptStore
+    from workspace.dissect.dissection import DEFAULT_IOU_THRESHOLD
+    from workspace.dissect.reports import build_report
 
     patches = mc.patches()
     try:

@@ -8,7 +8,7 @@
   active relative to their threshold), ``activation`` (Heatmap of the most active unit's map) and
   ``unit_masks`` (Detections: one per unit that has this patch among its top-k, its thresholded
   mask, attributes ``unit``, ``rank``, ``activation``), ``outside_domain`` and ``domain_warning`` (the
-  patch's image against the model's training domain, :mod:`workspace.domain`).
+  patch's image against the model's training domain, :mod:`workspace.data.domain`).
 * **neurons** (``<prefix>-neurons``): one sample per unit. ``filepath`` is a montage of the unit's
   top-k patches (best first) with its mask outlined on each; fields ``unit``, ``pca`` ([x, y]),
   ``pca_x``, ``pca_y``, ``threshold``, ``top_patch_ids``, ``top_activations``, ``lesion_share``
@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 
 from fiftyone_plugins import DEFAULT_PREFIX, dataset_names, media, reads_dataset_name
-from workspace.config import Workspace
-from workspace.errors import MammoError
-from workspace.progress import progress
+from workspace.base.config import Workspace
+from workspace.base.errors import MammoError
+from workspace.base.progress import progress
 
 SYNC_VERSION = 2
 N_TOP_UNITS = 5
@@ -75,11 +75,11 @@ def model_reader(ws: Workspace, run: Any, loaded: Any = None, batch_size: int = 
 
     from models.checkpoint import malignant_probability
     from models.features import capture
-    from workspace.catalog import open_catalog
-    from workspace.patches import open_patch_set
+    from workspace.base.catalog import open_catalog
+    from workspace.data.patches import open_patch_set
 
     if loaded is None:
-        from workspace.session import load_run_model
+        from workspace.dissect.session import load_run_model
 
         loaded = load_run_model(ws, run)
 
@@ -115,7 +115,7 @@ def sync(ws: Workspace, run: Any, *, prefix: str = DEFAULT_PREFIX, loaded: Any =
          reader: Reader | None = None) -> tuple[Any, Any]:
     """Build (or refresh) the patches and neurons datasets of ``run``; returns ``(patches, neurons)``.
 
-    ``run`` is a :class:`workspace.dissect_run.DissectionRun`; ``reader`` gives the model's scores
+    ``run`` is a :class:`workspace.dissect.dissect_run.DissectionRun`; ``reader`` gives the model's scores
     and feature maps of patches (default: :func:`model_reader` with ``loaded`` or the run's model).
     """
     patches, neurons, _summary = sync_with_summary(ws, run, prefix=prefix, loaded=loaded, reader=reader)
@@ -167,7 +167,7 @@ def sync_reads(ws: Workspace, run: Any, *, prefix: str = DEFAULT_PREFIX, loaded:
     Nothing is made while the model has read no image."""
     import fiftyone as fo
 
-    from workspace.catalog import open_catalog
+    from workspace.base.catalog import open_catalog
 
     db = open_catalog(ws)
     try:
@@ -184,11 +184,11 @@ def sync_reads(ws: Workspace, run: Any, *, prefix: str = DEFAULT_PREFIX, loaded:
     if _meta(ds).get("signature") == signature and len(ds) == len(reads):
         return name, 0
     from models.inference import read_mammogram
-    from workspace.domain import domain_of
-    from workspace.ingest import resolve_path
+    from workspace.data.domain import domain_of
+    from workspace.data.ingest import resolve_path
 
     if loaded is None:
-        from workspace.session import load_run_model
+        from workspace.dissect.session import load_run_model
 
         loaded = load_run_model(ws, run)
     card, profile = loaded.card, loaded.meta.get("training_domain")
@@ -248,8 +248,8 @@ def _meta(ds: Any) -> dict:
 
 
 def _patch_rows(ws: Workspace, run: Any) -> list[dict]:
-    from workspace.catalog import open_catalog
-    from workspace.ingest import resolve_path
+    from workspace.base.catalog import open_catalog
+    from workspace.data.ingest import resolve_path
 
     ids = [int(p) for p in np.asarray(run.patch_ids)]
     db = open_catalog(ws)
@@ -292,7 +292,7 @@ def _relative(run: Any) -> np.ndarray:
 
 
 def _unit_masks(maps: np.ndarray, thresholds: np.ndarray, size: int) -> np.ndarray:
-    from workspace.dissection import unit_masks
+    from workspace.dissect.dissection import unit_masks
 
     masks = unit_masks(maps, thresholds, size)
     return masks.numpy() if hasattr(masks, "numpy") else np.asarray(masks)
@@ -300,8 +300,8 @@ def _unit_masks(maps: np.ndarray, thresholds: np.ndarray, size: int) -> np.ndarr
 
 def _image_domains(ws: Workspace, rows: list[dict], profile: dict | None) -> dict[str, Any]:
     """image_id -> the domain verdict of the run's images against the model's training domain."""
-    from workspace.catalog import open_catalog
-    from workspace.domain import domain_of
+    from workspace.base.catalog import open_catalog
+    from workspace.data.domain import domain_of
 
     db = open_catalog(ws)
     try:
@@ -436,7 +436,7 @@ def refresh_concepts(ws: Workspace, neurons_ds: Any) -> int:
     """
     import fiftyone as fo
 
-    from workspace.concepts import ConceptStore
+    from workspace.dissect.concepts import ConceptStore
 
     meta = _meta(neurons_ds)
     if not meta:

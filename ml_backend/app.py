@@ -42,11 +42,11 @@ import numpy as np
 from ml_backend import label_configs as lc
 from ml_backend import predictions as pr
 from ml_backend.predictions import RequestError
-from workspace.catalog import json_default
-from workspace.concepts import encode_roi
-from workspace.config import Workspace
-from workspace.errors import MammoError
-from workspace.session import Lru, Session
+from workspace.base.catalog import json_default
+from workspace.base.config import Workspace
+from workspace.base.errors import MammoError
+from workspace.dissect.concepts import encode_roi
+from workspace.dissect.session import Lru, Session
 
 log = logging.getLogger("mammo.ml_backend")
 
@@ -61,9 +61,9 @@ MODEL_ENV = "MAMMO_BACKEND_MODEL"
 def load_model_and_run(ws: Workspace, *, run_id: str | None = None, model_path: str | os.PathLike | None = None,
                        device: str | None = None):
     """The dissection run to answer with (``run_id``, else ``$MAMMO_BACKEND_RUN``, else the newest complete
-    run) and its model, by :meth:`workspace.session.Session.open`'s rule (``model_path``, else
+    run) and its model, by :meth:`workspace.dissect.session.Session.open`'s rule (``model_path``, else
     ``$MAMMO_BACKEND_MODEL``, overrides the file and must have the run's digest)."""
-    from workspace.dissect_run import run_or_newest
+    from workspace.dissect.dissect_run import run_or_newest
 
     run = run_or_newest(ws, run_id or os.environ.get(RUN_ENV))
     session = Session.open(ws, run=run, model=model_path or os.environ.get(MODEL_ENV) or None, device=device)
@@ -104,7 +104,7 @@ class Backend:
 
     # -- pieces of state ---------------------------------------------------------------------
     def image_row(self, image_id: str) -> dict:
-        from workspace.catalog import get_image, open_catalog
+        from workspace.base.catalog import get_image, open_catalog
 
         def load() -> dict:
             db = open_catalog(self.ws)
@@ -203,7 +203,7 @@ class Backend:
 
     def prediction(self, task: dict, info: lc.ConfigInfo) -> dict:
         """The model's read of one task as a Label Studio prediction."""
-        from workspace.dissection import max_activations
+        from workspace.dissect.dissection import max_activations
 
         task_id, image_id, row = self._task_image(task)
         read = self.read(image_id)
@@ -260,8 +260,8 @@ class Backend:
 
     def report(self, image_id: str, *, maps, labels, iou=None, aligned=None, patch_box=None, query_id=None,
                roi=None):
-        from workspace.dissection import max_activations
-        from workspace.reports import build_report
+        from workspace.dissect.dissection import max_activations
+        from workspace.dissect.reports import build_report
 
         key = (image_id, None if patch_box is None else tuple(int(v) for v in patch_box))
         acts = self._activations.get(key, lambda: max_activations(np.asarray(maps, dtype=np.float32)).max(axis=0))

@@ -23,7 +23,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
-from workspace.errors import MammoError
+from workspace.base.errors import MammoError
 
 SCREENING = "screening"
 PATCH_REVIEW = "patch_review"

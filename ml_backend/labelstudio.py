@@ -1,6 +1,6 @@
 """Start and stop a Label Studio server whose data lives inside the workspace, or use an existing one.
 
-The server is a child process (``workspace.services.start_service``) bound to 127.0.0.1 on a free
+The server is a child process (``workspace.base.services.start_service``) bound to 127.0.0.1 on a free
 port, with SQLite under ``ws.labelstudio_dir``, its home/config/cache folders inside the workspace,
 analytics, Sentry and update checks off, a bootstrap admin user with a fixed API token (legacy tokens
 enabled, so scripts and the SDK can use it), and Local Files serving over ``document_root`` (images
@@ -25,9 +25,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from workspace.config import Workspace
-from workspace.errors import MammoError
-from workspace.services import Service, free_port, start_service
+from workspace.base.config import Workspace
+from workspace.base.errors import MammoError
+from workspace.base.services import Service, free_port, start_service
 
 CREDENTIALS_FILE = "credentials.json"
 EXTERNAL_FILE = "external.json"

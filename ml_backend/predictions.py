@@ -15,7 +15,7 @@ import numpy as np
 
 from ml_backend import label_configs as lc
 from ml_backend.rle import RleError, decode_mask, encode_mask
-from workspace.errors import MammoError, QueryError
+from workspace.base.errors import MammoError, QueryError
 
 
 class RequestError(MammoError):

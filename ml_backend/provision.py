@@ -26,9 +26,9 @@ import numpy as np
 
 from ml_backend import label_configs as lc
 from ml_backend.labelstudio import LabelStudioError, LabelStudioServer
-from workspace.config import Workspace
-from workspace.errors import MammoError
-from workspace.progress import progress
+from workspace.base.config import Workspace
+from workspace.base.errors import MammoError
+from workspace.base.progress import progress
 
 KINDS = (lc.SCREENING, lc.PATCH_REVIEW)
 WEBHOOK_ACTIONS = ["ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"]
@@ -75,14 +75,14 @@ def _items(pager: Any) -> list:
 
 
 def _concept_choices(ws: Workspace) -> list[dict]:
-    from workspace.concepts import ConceptStore
+    from workspace.dissect.concepts import ConceptStore
 
     with ConceptStore(ws) as store:
         return [{"value": c.name} for c in store.list_concepts()]
 
 
 def _image_rows(ws: Workspace, image_ids: list[str] | None) -> list[dict]:
-    from workspace.catalog import open_catalog
+    from workspace.base.catalog import open_catalog
 
     db = open_catalog(ws)
     try:

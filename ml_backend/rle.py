@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from workspace.errors import MammoError
+from workspace.base.errors import MammoError
 
 _SIZES = (3, 4, 8, 16)
 _HEADER_BITS = 32 + 5 + 16

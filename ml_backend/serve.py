@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 from ml_backend.app import AUTH_PASSWORD_ENV, AUTH_USER_ENV, RUN_ENV, auth_from_env
-from workspace.config import Workspace
-from workspace.errors import MammoError
-from workspace.services import Service, free_port, http_ok, start_service
+from workspace.base.config import Workspace
+from workspace.base.errors import MammoError
+from workspace.base.services import Service, free_port, http_ok, start_service
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 DEFAULT_THREADS = 4

@@ -1,7 +1,7 @@
 """Bring the reading stack up: Label Studio (started here, or an existing one), the backend, the projects.
 
 Used by ``mammo up`` and ``mammo ls up``. Every process is a child started by
-``workspace.services.start_service`` on 127.0.0.1 and is stopped by PID (:meth:`Stack.stop`).
+``workspace.base.services.start_service`` on 127.0.0.1 and is stopped by PID (:meth:`Stack.stop`).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 from ml_backend.labelstudio import LabelStudioServer, external_server, launch, saved_external
 from ml_backend.provision import KINDS, ProvisionResult, provision
-from workspace.config import Workspace
-from workspace.services import Service, port_open, serve_until_stopped, stop_all
+from workspace.base.config import Workspace
+from workspace.base.services import Service, port_open, serve_until_stopped, stop_all
 
 PREFERRED_LS_PORT = 8080
 PREFERRED_BACKEND_PORT = 9090
@@ -50,7 +50,7 @@ def resolve_server(ws: Workspace, *, url: str | None = None, token: str | None =
         token = token or (saved or {}).get("token")
         root = document_root or (saved or {}).get("document_root")
         if not token:
-            from workspace.errors import MammoError
+            from workspace.base.errors import MammoError
 
             raise MammoError("an existing Label Studio needs its API token (--labelstudio-token)")
         return external_server(url, token, document_root=Path(root) if root else ws.root)

@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 from ml_backend import label_configs as lc
 from ml_backend import predictions as pr
 from ml_backend.predictions import RequestError
-from workspace.catalog import json_default
-from workspace.concepts import encode_roi
-from workspace.schema import utc_now
+from workspace.base.catalog import json_default
+from workspace.base.schema import utc_now
+from workspace.dissect.concepts import encode_roi
 
 if TYPE_CHECKING:
     from ml_backend.app import Backend
@@ -92,7 +92,7 @@ def _config_info(payload: dict, task: dict) -> lc.ConfigInfo:
 
 
 def _insert(backend: Backend, row: dict) -> int:
-    from workspace.catalog import open_catalog
+    from workspace.base.catalog import open_catalog
 
     db = open_catalog(backend.ws)
     try:

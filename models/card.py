@@ -2,7 +2,7 @@
 
 Every surface that shows a score (Label Studio, FiftyOne, ``mammo read``, ``mammo report``, the HTML
 report) shows :meth:`ModelCard.summary` beside it, and warns per image when the domain check
-(:mod:`workspace.domain`) finds the image unlike the training images.
+(:mod:`workspace.data.domain`) finds the image unlike the training images.
 
 **The card** comes from the checkpoint's metadata. A checkpoint may have a card file beside it
 (``NAME.card.json`` next to ``NAME.pt``) that fills in what its metadata lacks (a site's own

@@ -31,7 +31,7 @@ from models.card import ModelCard, with_card
 from models.device import pick_device
 from models.features import get_layer
 from models.vgg import ARCHITECTURES, CLASS_NAMES, DISSECTED_LAYER, build_vgg
-from workspace.errors import ModelError
+from workspace.base.errors import ModelError
 
 FORMAT = "mammo-dissect-checkpoint/1"
 SHIPPED_DEMO = Path(__file__).resolve().parent / "weights" / "slim_demo.pt"
@@ -266,7 +266,7 @@ def resolve_model_path(ws: Any, spec: str | os.PathLike | None) -> Path:
 def register_model(db: Any, loaded: LoadedModel, name: str | None = None) -> None:
     """Record the model in the catalog's ``models`` table, with the options it must be loaded with again
     (``load_options``: a foreign state_dict's ``arch``, ``trust`` for a pickled module)."""
-    from workspace.schema import utc_now
+    from workspace.base.schema import utc_now
 
     options = json.dumps(loaded.load_options, sort_keys=True) if loaded.load_options else None
     db["models"].insert({

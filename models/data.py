@@ -1,6 +1,6 @@
 """What training and evaluation read: labelled patches with their split and patient.
 
-:class:`PatchData` wraps a workspace patch set (``workspace.patches.open_patch_set``) or plain arrays
+:class:`PatchData` wraps a workspace patch set (``workspace.data.patches.open_patch_set``) or plain arrays
 (tests, notebooks) behind one small interface: ``labels``, ``splits``, ``groups`` (patient ids) and
 ``patch_ids`` per position, and ``batch(positions) -> float32 (B, 1, S, S)`` intensities in [0, 1].
 """
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from workspace.errors import MammoError
+from workspace.base.errors import MammoError
 
 
 @dataclass
@@ -80,8 +80,8 @@ class PatchData:
     @classmethod
     def from_patch_set(cls, ws: Any, name: str = "default") -> PatchData:
         """A workspace patch set (``mammo patches``), with each patch's patient from the catalog."""
-        from workspace import patches
-        from workspace.catalog import open_catalog
+        from workspace.base.catalog import open_catalog
+        from workspace.data import patches
 
         patch_set = patches.open_patch_set(ws, name)
         rows = sorted(patch_set.rows, key=lambda r: r["array_index"])
@@ -126,9 +126,9 @@ class PatchData:
             return None
         patches = [[int(self.origins[i][1]), self.origins[i][2], int(self.boxes[i][0]), int(self.boxes[i][1]),
                     int(self.labels[i])] for i in idx]
-        from workspace.synth import GENERATOR_VERSION
+        from workspace.data.synth import GENERATOR_VERSION
 
-        return {"split": split, "generator": "workspace.synth", "generator_version": GENERATOR_VERSION,
+        return {"split": split, "generator": "workspace.data.synth", "generator_version": GENERATOR_VERSION,
                 "seed": seeds.pop(), "size": self.size,
                 "image_shape": self.info.get("image_shape"),
                 "columns": ["patient", "image_key", "x", "y", "label"], "patches": patches,
@@ -140,7 +140,7 @@ ORIGIN_PATTERN = re.compile(r"(?:^|/)synthetic/seed(\d+)/patient(\d+)/([A-Z]+)\.
 
 
 def synthetic_origin(source_path: str) -> tuple[int, int, str] | None:
-    """(seed, patient index, image key) of a file written by ``workspace.synth``, else None."""
+    """(seed, patient index, image key) of a file written by ``workspace.data.synth``, else None."""
     match = ORIGIN_PATTERN.search(str(source_path).replace("\\", "/"))
     return (int(match.group(1)), int(match.group(2)), match.group(3)) if match else None
 
@@ -212,14 +212,14 @@ def rebuild_recorded_split(recorded: dict, *, birads0_fraction: float = 0.5, var
 
     Only the images that hold a recorded patch are drawn (patient ``k`` depends only on (seed, k)); each is
     written as a DICOM file (in ``folder``, default a temporary one) and read back through
-    :func:`workspace.dicom_io.read_dicom` in its normalised orientation, exactly as ingest reads it; the
+    :func:`workspace.data.dicom_io.read_dicom` in its normalised orientation, exactly as ingest reads it; the
     patches are cut from those model pixels, in the recorded order and all in ``recorded["split"]``.
     :func:`compare_to_recorded` tells whether the generator still draws the recorded pixels.
     """
     import tempfile
 
-    from workspace import dicom_io, synth
-    from workspace.progress import progress
+    from workspace.base.progress import progress
+    from workspace.data import dicom_io, synth
 
     version = int(recorded.get("generator_version", 1))
     if version != synth.GENERATOR_VERSION:

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from models.data import PatchData
-from workspace.errors import ModelError
-from workspace.progress import progress
+from workspace.base.errors import ModelError
+from workspace.base.progress import progress
 
 DEFAULT_BOOTSTRAP = 1000
 DEFAULT_RULE = "youden"

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from workspace.errors import ModelError
+from workspace.base.errors import ModelError
 
 
 class Capture:

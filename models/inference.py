@@ -11,7 +11,7 @@ The dissected layer's maps of each patch are kept (float16, ``(N, units, h, w)``
 no second forward pass. A read is cached per (image, model digest, stride) under ``ws.reads_dir``:
 ``<digest>/<layer>/<image_id>[__s<stride>].npz`` (boxes, scores, metadata) and ``...maps.npy`` (memory-mapped
 on load), and recorded in the catalog table ``image_reads``. Each read carries the verdict of the domain
-check (:mod:`workspace.domain`) of its image against the model's training domain (``read.domain``).
+check (:mod:`workspace.data.domain`) of its image against the model's training domain (``read.domain``).
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ import torch
 
 from models.checkpoint import LoadedModel, malignant_probability, register_model
 from models.features import capture
-from workspace.catalog import get_image, open_catalog
-from workspace.config import Workspace
-from workspace.domain import DomainVerdict, domain_of
-from workspace.errors import CatalogError, MammoError, ModelError
-from workspace.patches import DEFAULT_MIN_TISSUE, tissue_grid  # the read grid is a patch rule
-from workspace.progress import progress
-from workspace.schema import utc_now
+from workspace.base.catalog import get_image, open_catalog
+from workspace.base.config import Workspace
+from workspace.base.errors import CatalogError, MammoError, ModelError
+from workspace.base.progress import progress
+from workspace.base.schema import utc_now
+from workspace.data.domain import DomainVerdict, domain_of
+from workspace.data.patches import DEFAULT_MIN_TISSUE, tissue_grid  # the read grid is a patch rule
 
 DEFAULT_BATCH = 8
 CACHE_VERSION = 1
@@ -111,7 +111,7 @@ def _load_cached(npz_path: Path, maps_path: Path, keep_maps: bool, min_tissue: f
 
 def _foreground(ws: Workspace, row: dict, pixels: np.ndarray) -> np.ndarray:
     """The catalog's breast mask; computed from the pixels when the PNG is missing."""
-    from workspace import dicom_io, ingest
+    from workspace.data import dicom_io, ingest
 
     if row.get("foreground_path"):
         try:
@@ -123,7 +123,7 @@ def _foreground(ws: Workspace, row: dict, pixels: np.ndarray) -> np.ndarray:
 
 
 def _load_pixels(ws: Workspace, row: dict) -> np.ndarray:
-    from workspace import ingest
+    from workspace.data import ingest
 
     try:
         return ingest.load_model_pixels(ws, row)

@@ -26,9 +26,9 @@ import numpy as np
 
 def training_domain(recorded: dict, n_patients: int, n_total: int) -> dict:
     """The domain profile of ``n_patients`` generator patients outside the recorded test split."""
-    from workspace import dicom_io, synth
-    from workspace.domain import domain_profile, image_features, mean_spacing
-    from workspace.progress import progress
+    from workspace.base.progress import progress
+    from workspace.data import dicom_io, synth
+    from workspace.data.domain import domain_profile, image_features, mean_spacing
 
     seed, shape = int(recorded["seed"]), tuple(recorded.get("image_shape") or synth.FULL_SHAPE)
     test_patients = {int(p[0]) for p in recorded["patches"]}

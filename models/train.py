@@ -41,9 +41,9 @@ from models.data import PatchData
 from models.device import pick_device
 from models.evaluate import DEFAULT_BOOTSTRAP, DEFAULT_RULE, evaluate_model, plot_roc
 from models.vgg import build_vgg, fold_batch_norm, with_batch_norm
-from workspace.errors import ModelError
-from workspace.progress import progress
-from workspace.schema import utc_now
+from workspace.base.errors import ModelError
+from workspace.base.progress import progress
+from workspace.base.schema import utc_now
 
 PAPER_EPOCHS = 50
 SLIM_CPU_EPOCHS = 20
@@ -182,7 +182,7 @@ def _comparable(recipe_dict: dict) -> dict:
 def train(data: PatchData, recipe: Recipe, out_dir: str | os.PathLike, *, device: str | torch.device | None = None,
           restart: bool = False, name: str | None = None, training_domain: dict | None = None) -> TrainResult:
     """Train (or continue training) ``recipe.arch`` on ``data``; write ``out_dir/model.pt``.
-    ``training_domain``: the profile of the training images (:func:`workspace.domain.domain_profile`),
+    ``training_domain``: the profile of the training images (:func:`workspace.data.domain.domain_profile`),
     kept in the checkpoint for the domain check of every later read."""
     device = pick_device(device)
     recipe = recipe.resolved(device)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from workspace.errors import ModelError
+from workspace.base.errors import ModelError
 
 DISSECTED_LAYER = "features.29"
 """The layer both architectures dissect: the ReLU after the last convolution of block 5."""

@@ -11,7 +11,7 @@ HEAVY = ("torch", "fiftyone", "label_studio", "label_studio_sdk", "scipy", "skle
 
 
 def test_building_the_parser_imports_no_heavy_library():
-    code = ("import sys; from workspace.cli import build_parser; build_parser(); "
+    code = ("import sys; from workspace.app.cli import build_parser; build_parser(); "
             f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parent.parent, check=True)
@@ -19,7 +19,7 @@ def test_building_the_parser_imports_no_heavy_library():
 
 
 def _options(command: str) -> dict:
-    from workspace.cli import build_parser
+    from workspace.app.cli import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices[command]
@@ -27,8 +27,8 @@ def _options(command: str) -> dict:
 
 
 def test_help_states_the_library_defaults():
-    from workspace.dissect_run import DEFAULT_BATCH_SIZE, DEFAULT_MEMORY_BUDGET_MB
-    from workspace.dissection import DEFAULT_IOU_THRESHOLD, DEFAULT_QUANTILE, DEFAULT_TOP_K
+    from workspace.dissect.dissect_run import DEFAULT_BATCH_SIZE, DEFAULT_MEMORY_BUDGET_MB
+    from workspace.dissect.dissection import DEFAULT_IOU_THRESHOLD, DEFAULT_QUANTILE, DEFAULT_TOP_K
 
     expected = {("dissect", "quantile"): DEFAULT_QUANTILE, ("dissect", "top_k"): DEFAULT_TOP_K,
                 ("dissect", "memory_budget_mb"): DEFAULT_MEMORY_BUDGET_MB,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 from tests.test_concepts_store import LAYER, MODEL, add_run
-from workspace.cli import main
-from workspace.concepts import ConceptStore
+from workspace.app.cli import main
+from workspace.dissect.concepts import ConceptStore
 
 
 def mammo(ws, capsys, *argv):

@@ -6,7 +6,7 @@ import multiprocessing as mp
 import time
 import traceback
 
-from workspace.concepts import ConceptStore
+from workspace.dissect.concepts import ConceptStore
 
 MODEL, LAYER = "c0ffee0000000001", "features.29"
 WRITES = 1000

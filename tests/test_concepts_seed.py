@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from workspace.concepts import SEED_ACTOR, ConceptStore, seed_example_concepts
-from workspace.dissect_run import ActivationSource, execute_run
-from workspace.reports import build_report
-from workspace.schema import connect, utc_now
+from workspace.base.schema import connect, utc_now
+from workspace.dissect.concepts import SEED_ACTOR, ConceptStore, seed_example_concepts
+from workspace.dissect.dissect_run import ActivationSource, execute_run
+from workspace.dissect.reports import build_report
 
 N_UNITS, N_PATCHES = 12, 40
 LESION_UNITS, NORMAL_UNITS = (0, 1, 2), (5, 6)

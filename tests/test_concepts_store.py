@@ -8,7 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from workspace.concepts import (
+from workspace.base.errors import ConceptError
+from workspace.base.schema import connect, utc_now
+from workspace.dissect.concepts import (
     PALETTE,
     ConceptStore,
     decode_roi,
@@ -16,8 +18,6 @@ from workspace.concepts import (
     parse_units,
     ranking_from_iou,
 )
-from workspace.errors import ConceptError
-from workspace.schema import connect, utc_now
 
 MODEL, LAYER = "a1b2c3d4e5f60718", "features.29"
 

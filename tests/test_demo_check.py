@@ -1,4 +1,4 @@
-"""``mammo demo --check`` (workspace.demo_check): its choices, and one whole check on a small workspace.
+"""``mammo demo --check`` (workspace.app.demo_check): its choices, and one whole check on a small workspace.
 
 The whole check runs in a child process (as ``mammo demo --check`` does: its FiftyOne connects to the
 check's own mongod, which must not change this test process's FiftyOne), against the test run's
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from workspace.demo_check import CHECK_CONCEPT, CheckFailed, Checks, roi_on_patch, units_to_label
+from workspace.app.demo_check import CHECK_CONCEPT, CheckFailed, Checks, roi_on_patch, units_to_label
 
 
 def test_roi_is_the_lesion_part_inside_the_patch_else_the_patch_centre():
@@ -50,10 +50,10 @@ def test_a_failing_step_becomes_one_fail_line_and_the_rest_goes_on():
 DRIVER = textwrap.dedent("""
     import sys
     from models.checkpoint import load_checkpoint
-    from workspace.config import Workspace
-    from workspace.demo import DemoState
-    from workspace.demo_check import run_checks
-    from workspace.dissect_run import load_run
+    from workspace.base.config import Workspace
+    from workspace.app.demo import DemoState
+    from workspace.app.demo_check import run_checks
+    from workspace.dissect.dissect_run import load_run
 
     ws = Workspace.open(sys.argv[1], create=False)
     run = load_run(ws, sys.argv[2])
@@ -69,8 +69,8 @@ def test_the_whole_check_passes_stops_everything_and_leaves_the_labels_as_they_w
         tmp_path_factory, _quiet_and_contained, labelstudio_server):
     from ml_backend.labelstudio import save_external
     from tests.fixtures.labelstudio import _standin
-    from workspace.concepts import ConceptStore
-    from workspace.services import recorded_services
+    from workspace.base.services import recorded_services
+    from workspace.dissect.concepts import ConceptStore
 
     built = _standin(tmp_path_factory.mktemp("demo-check"))
     ws, run = built.ws, built.run

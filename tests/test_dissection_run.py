@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from workspace.config import Workspace
-from workspace.dissect_run import (
+from workspace.base.config import Workspace
+from workspace.base.errors import CatalogError, MammoError
+from workspace.dissect.dissect_run import (
     ActivationSource,
     DissectionError,
     execute_run,
@@ -25,7 +26,6 @@ from workspace.dissect_run import (
     list_runs,
     load_run,
 )
-from workspace.errors import CatalogError, MammoError
 
 IDENTITY = {"model_digest": "0123456789abcdef", "layer": "net.3", "patch_set": "toy",
             "patch_set_digest": "feedface", "split": "test"}
@@ -134,8 +134,8 @@ def test_bad_requests_are_clear_errors(ws):
 
 CHILD = """
 import sys
-from workspace.config import Workspace
-from workspace.dissect_run import execute_run
+from workspace.base.config import Workspace
+from workspace.dissect.dissect_run import execute_run
 from tests.test_dissection_run import make_source
 execute_run(Workspace.open(sys.argv[1]), make_source(delay=0.3, batch_size=4), top_k=5, checkpoint_every_s=0)
 """
@@ -201,9 +201,9 @@ def slim_checkpoint(tmp_path_factory, small_cohort) -> Path:
 def test_dissection_of_a_checkpoint_over_a_patch_set(cohort_ws, slim_checkpoint, capsys):
     from models.checkpoint import load_checkpoint
     from models.features import capture
-    from workspace.cli import main
-    from workspace.dissect_run import run_dissection
-    from workspace.patches import open_patch_set
+    from workspace.app.cli import main
+    from workspace.data.patches import open_patch_set
+    from workspace.dissect.dissect_run import run_dissection
 
     loaded = load_checkpoint(slim_checkpoint, "cpu")
     run = run_dissection(cohort_ws, loaded, split=None, top_k=4)

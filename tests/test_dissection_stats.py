@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from workspace.dissect_run import DissectionStats, dissect_batches, plan_quantile
-from workspace.dissection import pca_embedding
-from workspace.runningstats import (
+from workspace.dissect.dissect_run import DissectionStats, dissect_batches, plan_quantile
+from workspace.dissect.dissection import pca_embedding
+from workspace.dissect.runningstats import (
     RunningMaxActivation,
     RunningQuantileSketch,
     RunningTailQuantile,

@@ -52,9 +52,9 @@ def read_setup(tmp_path_factory, _quiet_and_contained, labelstudio_server):
 def _lesion_roi(setup: ReadSetup) -> tuple[str, np.ndarray]:
     """The image and ground-truth lesion box ROI with the most aligned units (the model is untrained, so
     not every lesion aligns with two units; the reader would pick another)."""
-    from workspace.catalog import get_image, open_catalog
-    from workspace.demo_check import lesion_boxes
-    from workspace.query import query_image
+    from workspace.app.demo_check import lesion_boxes
+    from workspace.base.catalog import get_image, open_catalog
+    from workspace.dissect.query import query_image
 
     db = open_catalog(setup.ws)
     best = None
@@ -90,9 +90,9 @@ def test_one_read_from_prediction_to_a_report_naming_the_new_concept(read_setup,
     from fiftyone_plugins.sync import sync
     from ml_backend import predictions as pr
     from models.inference import read_mammogram
-    from workspace.concepts import ConceptStore
-    from workspace.demo_check import ask_roi, report_text, retrieve_prediction, task_of_image
-    from workspace.query import query_image
+    from workspace.app.demo_check import ask_roi, report_text, retrieve_prediction, task_of_image
+    from workspace.dissect.concepts import ConceptStore
+    from workspace.dissect.query import query_image
 
     setup = read_setup
     ws, run, server = setup.ws, setup.run, setup.server

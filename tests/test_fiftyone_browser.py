@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests.fixtures.common import headless_chrome, keep_screenshot
-from workspace.concepts import ConceptStore
+from workspace.dissect.concepts import ConceptStore
 
 pytestmark = [pytest.mark.fiftyone, pytest.mark.browser, pytest.mark.slow]
 

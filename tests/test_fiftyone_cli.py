@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.fiftyone, pytest.mark.slow]
 
 def _mammo(ws, *args, uri):
     env = dict(os.environ, MAMMO_QUIET="1")
-    return subprocess.run([sys.executable, "-m", "workspace.cli", "--workspace", str(ws.root), "fiftyone", *args,
+    return subprocess.run([sys.executable, "-m", "workspace.app.cli", "--workspace", str(ws.root), "fiftyone", *args,
                            "--database-uri", uri], capture_output=True, text=True, env=env, timeout=300)
 
 

@@ -14,8 +14,8 @@ def test_real_run_synced_with_model_scores_and_masks(fo_pipeline, pipeline):
     from fiftyone import ViewField as F
 
     from models.features import capture
-    from workspace.dissection import unit_masks
-    from workspace.patches import open_patch_set
+    from workspace.data.patches import open_patch_set
+    from workspace.dissect.dissection import unit_masks
 
     run, patches, neurons = fo_pipeline.run, fo_pipeline.patches, fo_pipeline.neurons
     assert len(patches) == len(run.patch_ids) and len(neurons) == run.n_units

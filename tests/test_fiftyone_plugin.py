@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fiftyone_plugins import PLUGIN_NAME, operator_uri
-from workspace.concepts import ConceptStore
+from workspace.dissect.concepts import ConceptStore
 
 pytestmark = pytest.mark.fiftyone
 

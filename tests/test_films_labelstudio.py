@@ -29,9 +29,9 @@ def film_project(films, labelstudio_server):
 
 def test_a_film_task_prediction_and_roi_through_label_studio(films, film_project, labelstudio_server):
     from models.inference import read_mammogram
-    from workspace.catalog import get_image, open_catalog
-    from workspace.demo_check import ask_roi, report_text, retrieve_prediction, task_of_image
-    from workspace.query import query_image
+    from workspace.app.demo_check import ask_roi, report_text, retrieve_prediction, task_of_image
+    from workspace.base.catalog import get_image, open_catalog
+    from workspace.dissect.query import query_image
 
     server, image_id = labelstudio_server, films.film_ids[0]
     card = films.loaded.card.summary()

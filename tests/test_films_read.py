@@ -13,7 +13,7 @@ import html
 import numpy as np
 import pytest
 
-from workspace.cli import main
+from workspace.app.cli import main
 
 WARNING = "Outside the model's training domain"
 
@@ -49,10 +49,10 @@ def test_recorded_test_images_of_the_generator_stay_quiet(tmp_path):
     """Full-size images of two recorded test patients (never trained on), imported and read as a user would."""
     from models.checkpoint import SHIPPED_DEMO, load_checkpoint
     from models.inference import read_mammogram
-    from workspace.catalog import open_catalog
-    from workspace.config import Workspace
-    from workspace.domain import domain_of
-    from workspace.synth import synthesize
+    from workspace.base.catalog import open_catalog
+    from workspace.base.config import Workspace
+    from workspace.data.domain import domain_of
+    from workspace.data.synth import synthesize
 
     loaded = load_checkpoint(SHIPPED_DEMO, "cpu")
     recorded = loaded.meta["data"]["recorded_test"]
@@ -75,9 +75,9 @@ def test_an_unlabelled_folder_goes_import_read_patches_dissect_report(tmp_path, 
     import shutil
 
     from tests.fixtures.films import films_folder
-    from workspace.config import Workspace
-    from workspace.patches import PatchError, build_patch_set
-    from workspace.session import Session
+    from workspace.base.config import Workspace
+    from workspace.data.patches import PatchError, build_patch_set
+    from workspace.dissect.session import Session
 
     folder = tmp_path / "films"
     folder.mkdir()
@@ -116,7 +116,7 @@ def test_mammo_read_shows_the_card_and_warns_per_film(films, capsys):
 
 def test_a_report_on_a_film_carries_its_score_the_card_and_the_warning(films, tmp_path, capsys):
     from models.inference import read_mammogram
-    from workspace.reports import report_for_image
+    from workspace.dissect.reports import report_for_image
 
     image_id = films.film_ids[0]
     read = read_mammogram(films.ws, image_id, films.loaded)

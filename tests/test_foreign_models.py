@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from workspace.catalog import open_catalog
-from workspace.cli import main
-from workspace.config import Workspace
+from workspace.app.cli import main
+from workspace.base.catalog import open_catalog
+from workspace.base.config import Workspace
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def _state_dict(name: str, path):
 def site(tmp_path_factory, _quiet_and_contained):
     """A small workspace (one synthetic patient, 768 x 640), read and dissected over its unlabelled tissue
     grid with each foreign model, as a user types it."""
-    from workspace.synth import synthesize
+    from workspace.data.synth import synthesize
 
     base = tmp_path_factory.mktemp("foreign")
     ws = Workspace.open(base / "ws")
@@ -57,7 +57,7 @@ def site(tmp_path_factory, _quiet_and_contained):
 
 @pytest.mark.parametrize("name", ["resnet18", "densenet121"])
 def test_reports_of_a_foreign_model_at_its_layer(site, name, capsys):
-    from workspace.session import Session
+    from workspace.dissect.session import Session
 
     capsys.readouterr()
     assert main(["report", site["image_id"], "--roi", "100,200,200,200", "--run", site["runs"][name],
@@ -73,9 +73,9 @@ def test_label_studio_answers_with_a_foreign_model(site, labelstudio_server):
     from ml_backend import label_configs as lc
     from ml_backend.provision import provision
     from ml_backend.serve import start_backend
-    from workspace.catalog import get_image
-    from workspace.demo_check import ask_roi, report_text, retrieve_prediction, task_of_image
-    from workspace.session import Session
+    from workspace.app.demo_check import ask_roi, report_text, retrieve_prediction, task_of_image
+    from workspace.base.catalog import get_image
+    from workspace.dissect.session import Session
 
     ws, run_id, image_id = site["ws"], site["runs"]["resnet18"], site["image_id"]
     backend = start_backend(ws, run_id=run_id, name="ml_backend_foreign")
@@ -103,7 +103,7 @@ def test_label_studio_answers_with_a_foreign_model(site, labelstudio_server):
 @pytest.mark.fiftyone
 def test_fiftyone_builds_the_datasets_of_a_foreign_model(site, fo_db):
     from fiftyone_plugins.sync import sync_with_summary
-    from workspace.dissect_run import load_run
+    from workspace.dissect.dissect_run import load_run
 
     run = load_run(site["ws"], site["runs"]["densenet121"])
     patches, neurons, summary = sync_with_summary(site["ws"], run, prefix="foreign")  # the model from the catalog

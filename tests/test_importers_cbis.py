@@ -20,10 +20,10 @@ from tests.fixtures.importers import (
     catalog_patient,
     lesion_total,
 )
-from workspace.catalog import open_catalog
-from workspace.importers import cbis_ddsm
-from workspace.importers.common import ImporterError
-from workspace.ingest import resolve_path
+from workspace.base.catalog import open_catalog
+from workspace.data.importers import cbis_ddsm
+from workspace.data.importers.common import ImporterError
+from workspace.data.ingest import resolve_path
 
 
 def _check_round_trip(ws, truth, report):
@@ -84,7 +84,7 @@ def test_mask_of_wrong_size_rescaled_or_skipped(ws, tmp_path):
     assert "mask 643 x 510, image 640 x 512" in report.to_text()
     _check_round_trip(ws, truth, report)
 
-    from workspace.config import Workspace
+    from workspace.base.config import Workspace
 
     other = Workspace.open(tmp_path / "ws-skip")
     skipped = cbis_ddsm.import_dataset(other, root, mask_mismatch="skip")

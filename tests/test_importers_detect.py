@@ -8,11 +8,11 @@ import pytest
 
 from tests.fixtures.dicom import breast_phantom, write_dicom
 from tests.fixtures.importers import build_cbis, build_inbreast, build_mias, build_vindr, counts, lesion_total
-from workspace.catalog import open_catalog
-from workspace.cli import main
-from workspace.importers import FORMATS, detect_format, import_auto
-from workspace.importers.common import ImporterError
-from workspace.ingest import ImportSummary
+from workspace.app.cli import main
+from workspace.base.catalog import open_catalog
+from workspace.data.importers import FORMATS, detect_format, import_auto
+from workspace.data.importers.common import ImporterError
+from workspace.data.ingest import ImportSummary
 
 BUILDERS = {"cbis-ddsm": build_cbis, "vindr": build_vindr, "inbreast": build_inbreast, "mias": build_mias}
 
@@ -74,7 +74,7 @@ def test_cli_imports_every_data_set(folders, tmp_path, capsys, fmt):
         out = capsys.readouterr().out
         n_images = len(truth["images"])
         assert f"{n_images} images ({n_images} new" in out
-        from workspace.config import Workspace
+        from workspace.base.config import Workspace
 
         db = open_catalog(Workspace.open(ws_dir))
         assert counts(db)[0] == n_images

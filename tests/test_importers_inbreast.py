@@ -13,9 +13,9 @@ from tests.fixtures.importers import (
     counts,
     lesion_total,
 )
-from workspace.catalog import open_catalog
-from workspace.importers import inbreast
-from workspace.importers.common import ImporterError
+from workspace.base.catalog import open_catalog
+from workspace.data.importers import inbreast
+from workspace.data.importers.common import ImporterError
 
 
 def test_round_trip(ws, inbreast_folder):

@@ -14,11 +14,11 @@ from tests.fixtures.importers import (
     counts,
     write_pgm,
 )
-from workspace.catalog import open_catalog
-from workspace.dicom_io import read_dicom
-from workspace.importers import mias
-from workspace.importers.common import ImporterError
-from workspace.ingest import load_model_pixels, resolve_path
+from workspace.base.catalog import open_catalog
+from workspace.data.dicom_io import read_dicom
+from workspace.data.importers import mias
+from workspace.data.importers.common import ImporterError
+from workspace.data.ingest import load_model_pixels, resolve_path
 
 
 def _row_of(db, ws, ref):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workspace.importers import cbis_ddsm, inbreast, mias, vindr
-from workspace.importers.common import (
+from workspace.data.importers import cbis_ddsm, inbreast, mias, vindr
+from workspace.data.importers.common import (
     CLIPPED,
     INSIDE,
     OUTSIDE,

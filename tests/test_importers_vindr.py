@@ -11,9 +11,9 @@ from tests.fixtures.importers import (
     catalog_lesions,
     catalog_patient,
 )
-from workspace.catalog import open_catalog
-from workspace.importers import vindr
-from workspace.importers.common import ImporterError
+from workspace.base.catalog import open_catalog
+from workspace.data.importers import vindr
+from workspace.data.importers.common import ImporterError
 
 
 def test_round_trip(ws, vindr_folder):

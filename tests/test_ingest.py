@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 
 from tests.fixtures.dicom import BIRTH_DATE, PATIENT_ID, PATIENT_NAME, breast_phantom, write_dicom
-from workspace.catalog import get_image, lesions_of, open_catalog, split_for
-from workspace.cli import main
-from workspace.dicom_io import chest_wall_side, read_dicom, to_normalised
-from workspace.errors import CatalogError, DicomReadError
-from workspace.ingest import (
+from workspace.app.cli import main
+from workspace.base.catalog import get_image, lesions_of, open_catalog, split_for
+from workspace.base.errors import CatalogError, DicomReadError
+from workspace.data.dicom_io import chest_wall_side, read_dicom, to_normalised
+from workspace.data.ingest import (
     add_lesion,
     import_folder,
     load_foreground,
@@ -67,8 +67,8 @@ def test_register_dicom_is_idempotent(ws, db, dicom_writer):
 
 
 def test_pseudonyms_are_keyed_per_workspace_unless_a_site_key_is_set(tmp_path, dicom_writer, monkeypatch):
-    from workspace.catalog import PSEUDONYM_KEY_ENV
-    from workspace.config import Workspace
+    from workspace.base.catalog import PSEUDONYM_KEY_ENV
+    from workspace.base.config import Workspace
 
     path = dicom_writer("k.dcm")
 
@@ -267,7 +267,7 @@ def test_cli_import_and_images(tmp_path, mixed_dicom_folder, capsys):
 
 
 def test_json_default_writes_numpy_values_and_refuses_or_stringifies_the_rest():
-    from workspace.catalog import json_default
+    from workspace.base.catalog import json_default
 
     value = {"n": np.int64(3), "x": np.float32(0.5), "ok": np.bool_(True), "a": np.arange(3, dtype=np.uint8)}
     assert json.loads(json.dumps(value, default=json_default)) == {"n": 3, "x": 0.5, "ok": True, "a": [0, 1, 2]}

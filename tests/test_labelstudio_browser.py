@@ -77,8 +77,8 @@ def lesion(ls_pipeline):
     [x, y, w, h] in the displayed (normalised) image, and ``ask``, the box the reader draws (see
     ``_box_over_lesion_units``). The first such lesion whose answer's most aligned unit has a mask big
     enough to see on screen (the stand-in model is untrained: some of its units fire in specks)."""
-    from workspace.catalog import get_image, open_catalog
-    from workspace.dicom_io import to_normalised
+    from workspace.base.catalog import get_image, open_catalog
+    from workspace.data.dicom_io import to_normalised
 
     db = open_catalog(ls_pipeline.ws)
     try:
@@ -103,7 +103,7 @@ def lesion(ls_pipeline):
 @pytest.fixture(scope="module")
 def projects(labelstudio_server, ls_backend, ls_pipeline, lesion):
     """Both projects, for the first image and the lesion's, with the backend's predictions retrieved."""
-    from workspace.concepts import ConceptStore
+    from workspace.dissect.concepts import ConceptStore
 
     with ConceptStore(ls_pipeline.ws) as store:  # offered in the task's concept choice
         store.create_concept(CONCEPT, by="test")
@@ -263,7 +263,7 @@ def _box_over_lesion_units(pipeline, lesion) -> tuple[list[float], int]:
     """The box a reader draws: around the lesion, or, where the test's untrained model fires in small spots
     only, around the biggest mask among the units closest to the lesion (so an answer has a visible unit).
     Also the pixel count of the mask of the unit that box aligns best with."""
-    from workspace.query import query_image
+    from workspace.dissect.query import query_image
 
     x, y, w, h = lesion["box"]
     margin = max(6.0, 0.25 * max(w, h))
@@ -286,8 +286,8 @@ def test_reader_draws_an_roi_box_and_gets_the_answer(labelstudio_server, reader,
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    from workspace.catalog import open_catalog
-    from workspace.concepts import ConceptStore
+    from workspace.base.catalog import open_catalog
+    from workspace.dissect.concepts import ConceptStore
 
     screening = projects[lc.SCREENING]
     task = next(t for t in screening["tasks"] if t.data["image_id"] == lesion["image_id"])
@@ -353,7 +353,7 @@ def test_patch_review_task_shows_the_patch_and_answers_a_box(labelstudio_server,
                                                             tmp_path):
     from selenium.webdriver.common.by import By
 
-    from workspace.concepts import ConceptStore
+    from workspace.dissect.concepts import ConceptStore
 
     review = projects[lc.PATCH_REVIEW]
     assert review["tasks"], "no suspicious patch to review"

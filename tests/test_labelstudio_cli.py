@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from workspace.services import recorded_services
+from workspace.base.services import recorded_services
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
 

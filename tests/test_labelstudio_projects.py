@@ -55,7 +55,7 @@ def test_provisioning_makes_both_projects_once(provisioned, labelstudio_server, 
               if h["project"] == screening.project_id]
     assert hook["url"] == ls_backend.url + "/webhook"
     # task data: pseudonymous ids, laterality and view, never patient identifiers
-    from workspace.catalog import open_catalog
+    from workspace.base.catalog import open_catalog
 
     secrets = {str(v) for r in open_catalog(ws).query("SELECT source_patient_id, patient_name FROM patients")
                for v in r.values() if v}
@@ -65,7 +65,7 @@ def test_provisioning_makes_both_projects_once(provisioned, labelstudio_server, 
         assert data["image"].startswith("/data/local-files/?d=")
         assert not any(s in json.dumps(data) for s in secrets)
     # idempotent: a second run adds nothing and keeps the same projects, and offers a concept made since
-    from workspace.concepts import ConceptStore
+    from workspace.dissect.concepts import ConceptStore
 
     with ConceptStore(ws) as store:
         store.create_concept("Microcalcification cluster", by="test")
@@ -101,7 +101,7 @@ def test_images_are_served_to_a_logged_in_reader(provisioned, labelstudio_server
 
 def test_predictions_retrieved_through_label_studio(provisioned, labelstudio_server, ls_pipeline):
     from models.inference import read_mammogram
-    from workspace.catalog import get_image, open_catalog
+    from workspace.base.catalog import get_image, open_catalog
 
     server = labelstudio_server
     project_id = provisioned.projects[lc.SCREENING].project_id
@@ -129,9 +129,9 @@ def test_predictions_retrieved_through_label_studio(provisioned, labelstudio_ser
 
 def test_interactive_roi_through_label_studio_matches_the_query_engine(provisioned, labelstudio_server, ls_pipeline):
     from models.inference import read_mammogram
-    from workspace.catalog import get_image, open_catalog
-    from workspace.concepts import ConceptStore
-    from workspace.query import query_image
+    from workspace.base.catalog import get_image, open_catalog
+    from workspace.dissect.concepts import ConceptStore
+    from workspace.dissect.query import query_image
 
     server = labelstudio_server
     project = provisioned.projects[lc.SCREENING]
@@ -162,9 +162,9 @@ def test_interactive_roi_through_label_studio_matches_the_query_engine(provision
 
 
 def test_submitted_annotation_reaches_the_webhook_and_labels_units(provisioned, labelstudio_server, ls_pipeline):
-    from workspace.catalog import get_image, open_catalog
-    from workspace.concepts import ConceptStore
-    from workspace.query import query_image
+    from workspace.base.catalog import get_image, open_catalog
+    from workspace.dissect.concepts import ConceptStore
+    from workspace.dissect.query import query_image
 
     server = labelstudio_server
     ws, run = ls_pipeline.ws, ls_pipeline.run
@@ -187,7 +187,7 @@ def test_submitted_annotation_reaches_the_webhook_and_labels_units(provisioned, 
               {"id": "c1", "from_name": "new_concept", "to_name": "image", "type": "textarea",
                "value": {"text": ["architectural distortion"]}}]
     annotation = server.client().annotations.create(id=task["id"], result=result)
-    from workspace.catalog import open_catalog as reopen
+    from workspace.base.catalog import open_catalog as reopen
 
     [stored] = list(reopen(ws).query("SELECT * FROM ls_annotations WHERE annotation_id = ?", [annotation.id]))
     assert stored["action"] == "ANNOTATION_CREATED" and stored["task_id"] == task["id"]

@@ -24,7 +24,7 @@ def post(service, path, payload, **kw):
 @pytest.fixture(scope="module")
 def world(ls_pipeline):
     from models.inference import read_mammogram
-    from workspace.catalog import get_image, open_catalog
+    from workspace.base.catalog import get_image, open_catalog
 
     db = open_catalog(ls_pipeline.ws)
     image_id = ls_pipeline.image_ids[0]
@@ -79,7 +79,7 @@ def test_screening_prediction_geometry_and_scores(ls_backend, ls_pipeline, world
                                           else lc.NEGATIVE_CHOICE]
     assert prediction["score"] == pytest.approx(read.image_score, abs=1e-6)
     # the most activated unit's mask on the most suspicious patch, as a full-image brush region
-    from workspace.query import PatchMasks
+    from workspace.dissect.query import PatchMasks
 
     [map_region] = [r for r in regions if r["type"] == "brushlabels"]
     top = int(np.argmax(read.scores))
@@ -96,8 +96,8 @@ def test_screening_prediction_geometry_and_scores(ls_backend, ls_pipeline, world
 
 
 def test_interactive_roi_matches_the_query_engine_and_is_recorded(ls_backend, ls_pipeline, world):
-    from workspace.concepts import ConceptStore, decode_roi
-    from workspace.query import query_image
+    from workspace.dissect.concepts import ConceptStore, decode_roi
+    from workspace.dissect.query import query_image
 
     read, row = world["read"], world["row"]
     x, y, s = (int(v) for v in read.boxes[read.suspicious[0]][:3])
@@ -129,7 +129,7 @@ def test_interactive_roi_matches_the_query_engine_and_is_recorded(ls_backend, ls
 
 
 def test_patch_review_prediction_and_roi(ls_backend, ls_pipeline, world):
-    from workspace.query import PatchMasks, query_patch
+    from workspace.dissect.query import PatchMasks, query_patch
 
     read = world["read"]
     i = int(read.suspicious[0])
@@ -199,7 +199,7 @@ def test_bad_requests_get_clear_errors_and_the_service_stays_up(ls_backend, worl
 
 def test_basic_auth_when_asked_and_required_beyond_localhost(ls_pipeline):
     from ml_backend.serve import check_binding, start_backend
-    from workspace.errors import MammoError
+    from workspace.base.errors import MammoError
 
     with pytest.raises(MammoError, match="login"):
         check_binding("0.0.0.0", None)

@@ -136,7 +136,7 @@ def test_unit_region_ids_round_trip():
 
 
 def test_roi_geometry_round_trips_through_the_concept_store_encoding():
-    from workspace.concepts import decode_roi, encode_roi
+    from workspace.dissect.concepts import decode_roi, encode_roi
 
     for mask in _masks():
         geometry = encode_roi(mask)

@@ -22,8 +22,8 @@ def post(service, payload):
 def aligned_roi(ls_pipeline):
     """An ROI equal to one unit's stitched mask (so that unit, at least, is aligned) and the query's answer."""
     from models.inference import read_mammogram
-    from workspace.catalog import get_image, open_catalog
-    from workspace.query import query_image
+    from workspace.base.catalog import get_image, open_catalog
+    from workspace.dissect.query import query_image
 
     ws, loaded, run = ls_pipeline.ws, ls_pipeline.loaded, ls_pipeline.run
     image_id = ls_pipeline.image_ids[1]
@@ -53,14 +53,14 @@ def roi_region(mask):
 
 
 def rows_of(ws, annotation_id):
-    from workspace.catalog import open_catalog
+    from workspace.base.catalog import open_catalog
 
     return list(open_catalog(ws).query("SELECT * FROM ls_annotations WHERE annotation_id = ? ORDER BY event_id",
                                        [annotation_id]))
 
 
 def test_submit_labels_the_aligned_units_then_update_and_delete_keep_history(ls_backend, ls_pipeline, aligned_roi):
-    from workspace.concepts import ConceptStore
+    from workspace.dissect.concepts import ConceptStore
 
     ws, run = ls_pipeline.ws, ls_pipeline.run
     aligned = [int(u) for u in aligned_roi["answer"].aligned]
@@ -117,7 +117,7 @@ def test_submit_labels_the_aligned_units_then_update_and_delete_keep_history(ls_
 
 
 def test_events_without_concept_or_with_a_bad_roi_are_kept(ls_backend, ls_pipeline, aligned_roi):
-    from workspace.concepts import ConceptStore
+    from workspace.dissect.concepts import ConceptStore
 
     ws, run = ls_pipeline.ws, ls_pipeline.run
     with ConceptStore(ws) as store:

@@ -1,6 +1,6 @@
 """Another modality, same workflow: a real chest CR (pydicom-data's RG1_UNCR, 1955 x 1841 MONOCHROME1)
 imported with `--non-mg warn`, read and dissected with a foreign CNN at a layer the user names, queried and
-reported, with no mammography-only step applied (workspace.modality)."""
+reported, with no mammography-only step applied (workspace.base.modality)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from workspace.catalog import open_catalog
-from workspace.cli import main
-from workspace.domain import check_domain, domain_profile, image_features
-from workspace.modality import MAMMOGRAPHY, modality_of
+from workspace.app.cli import main
+from workspace.base.catalog import open_catalog
+from workspace.base.modality import MAMMOGRAPHY, modality_of
+from workspace.data.domain import check_domain, domain_profile, image_features
 
 pytestmark = pytest.mark.slow
 
@@ -35,8 +35,8 @@ def test_a_chest_radiograph_through_read_dissect_query_and_report(tmp_path, caps
     from pydicom.data import get_testdata_file
     from torchvision.models import resnet18
 
-    from workspace.config import Workspace
-    from workspace.ingest import load_foreground
+    from workspace.base.config import Workspace
+    from workspace.data.ingest import load_foreground
 
     source = tmp_path / "cr"
     source.mkdir()

@@ -11,7 +11,7 @@ import pytest
 from models.card import ModelCard, card_path
 from models.checkpoint import base_meta, file_digest, load_checkpoint, save_checkpoint
 from models.vgg import build_vgg
-from workspace.domain import DomainVerdict, check_domain, domain_profile, image_features
+from workspace.data.domain import DomainVerdict, check_domain, domain_profile, image_features
 
 
 @pytest.fixture

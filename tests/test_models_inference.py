@@ -15,10 +15,10 @@ from models.features import capture
 from models.inference import read_mammogram, read_many
 from models.vgg import build_vgg
 from tests.fixtures.dicom import breast_phantom, write_dicom
-from workspace import ingest
-from workspace.catalog import open_catalog
-from workspace.errors import CatalogError, MammoError, ModelError
-from workspace.patches import grid_positions, tissue_grid
+from workspace.base.catalog import open_catalog
+from workspace.base.errors import CatalogError, MammoError, ModelError
+from workspace.data import ingest
+from workspace.data.patches import grid_positions, tissue_grid
 
 PATCH = 128
 
@@ -38,7 +38,7 @@ def _register(ws, name, shape, seed=0):
 
 
 def catalog_row(ws, image_id):
-    from workspace.catalog import get_image
+    from workspace.base.catalog import get_image
 
     return get_image(open_catalog(ws), image_id)
 
@@ -115,7 +115,7 @@ def test_bad_input_gets_one_clear_error_and_batches_go_on(ws, small_model):
 
 
 def test_mammo_read_command_reads_all_images(ws, small_model, capsys):
-    from workspace.cli import main
+    from workspace.app.cli import main
 
     first, _ = _register(ws, "c1", (300, 260), seed=6)
     second, _ = _register(ws, "c2", (300, 260), seed=7)

@@ -10,11 +10,11 @@ import pytest
 
 from models.checkpoint import load_checkpoint
 from models.data import PatchData, compare_to_recorded, rebuild_recorded_split
-from workspace.catalog import open_catalog
-from workspace.cli import main
-from workspace.config import Workspace
-from workspace.errors import MammoError
-from workspace.synth import GENERATOR_VERSION
+from workspace.app.cli import main
+from workspace.base.catalog import open_catalog
+from workspace.base.config import Workspace
+from workspace.base.errors import MammoError
+from workspace.data.synth import GENERATOR_VERSION
 
 SHAPE = (832, 640)
 PATCH = 128
@@ -23,7 +23,7 @@ PATCH = 128
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     """6 small synthetic patients, splits fixed by patient index (2 each), a 128-pixel patch set."""
-    from workspace import patches, synth
+    from workspace.data import patches, synth
 
     ws = Workspace.open(tmp_path_factory.mktemp("models-pipeline") / "ws")
     synth.synthesize(ws, 6, seed=5, image_shape=SHAPE, birads0_fraction=0.8)

@@ -25,8 +25,8 @@ from models.data import (
     pixel_fingerprint,
     rebuild_recorded_split,
 )
-from workspace.errors import MammoError
-from workspace.synth import GENERATOR_VERSION
+from workspace.base.errors import MammoError
+from workspace.data.synth import GENERATOR_VERSION
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (1024, 768)
@@ -56,7 +56,7 @@ def _record(folder: Path) -> dict:
     """A recorded split: 4 patches covering most of each of 6 images of 3 patients, drawn here."""
     corners = [(0, 0), (PATCH, 256), (2 * PATCH, 512), (0, 768)]
     patches = [[patient, key, x, y, 1] for patient in (1, 4, 7) for key in ("LCC", "RMLO") for x, y in corners]
-    recorded = {"split": "test", "generator": "workspace.synth", "generator_version": GENERATOR_VERSION,
+    recorded = {"split": "test", "generator": "workspace.data.synth", "generator_version": GENERATOR_VERSION,
                 "seed": 0, "size": PATCH, "image_shape": list(SHAPE), "patches": patches}
     data = rebuild_recorded_split(recorded, folder=folder)
     positions = np.arange(len(data))

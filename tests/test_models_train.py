@@ -19,7 +19,7 @@ from models.evaluate import (
     sensitivity_specificity,
 )
 from models.train import PAPER_EPOCHS, SLIM_CPU_EPOCHS, Recipe, augment, train
-from workspace.errors import ModelError
+from workspace.base.errors import ModelError
 
 SIZE = 64
 

@@ -12,7 +12,7 @@ from torch import nn
 from models.checkpoint import base_meta, load_checkpoint, save_checkpoint
 from models.features import capture, layer_names
 from models.vgg import CONFIGS, DISSECTED_LAYER, build_vgg
-from workspace.errors import ModelError
+from workspace.base.errors import ModelError
 
 
 def _layout(model: nn.Module) -> list[tuple[str, str]]:

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from workspace import patches as P
-from workspace.catalog import open_catalog
-from workspace.cli import main
-from workspace.dicom_io import flip_array
-from workspace.ingest import load_foreground, load_model_pixels, resolve_path
+from workspace.app.cli import main
+from workspace.base.catalog import open_catalog
+from workspace.data import patches as P
+from workspace.data.dicom_io import flip_array
+from workspace.data.ingest import load_foreground, load_model_pixels, resolve_path
 
 
 def _image_rows(db):

@@ -5,8 +5,8 @@ import numpy as np
 
 def test_pipeline_read_and_run_agree(pipeline):
     from models.inference import read_mammogram
-    from workspace.catalog import get_image, open_catalog
-    from workspace.demo_check import lesion_boxes
+    from workspace.app.demo_check import lesion_boxes
+    from workspace.base.catalog import get_image, open_catalog
 
     run = pipeline.run
     assert run.max_activations.shape == (run.n_units, len(run.patch_ids))

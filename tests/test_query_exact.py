@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from workspace.dissection import ALIGN_CORNERS, MASK_RULE, roi_iou, unit_masks, upsample_maps
-from workspace.errors import QueryError
-from workspace.query import PatchMasks, query_patch, roi_from_box
+from workspace.base.errors import QueryError
+from workspace.dissect.dissection import ALIGN_CORNERS, MASK_RULE, roi_iou, unit_masks, upsample_maps
+from workspace.dissect.query import PatchMasks, query_patch, roi_from_box
 
 F = np.float32
 

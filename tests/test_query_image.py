@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from workspace.config import Workspace
-from workspace.dissection import unit_masks
-from workspace.errors import QueryError
-from workspace.query import ImageMasks, query_image, roi_from_box
+from workspace.base.config import Workspace
+from workspace.base.errors import QueryError
+from workspace.dissect.dissection import unit_masks
+from workspace.dissect.query import ImageMasks, query_image, roi_from_box
 
 SHAPE = (70, 90)
 SIZE = 24
@@ -108,7 +108,7 @@ def test_image_roi_errors(image_case):
 def dissected(small_cohort, tmp_path_factory):
     from models.checkpoint import base_meta, load_checkpoint, save_checkpoint
     from models.vgg import build_vgg
-    from workspace.dissect_run import run_dissection
+    from workspace.dissect.dissect_run import run_dissection
 
     root = tmp_path_factory.mktemp("query") / "ws"
     shutil.copytree(small_cohort.ws.root, root)
@@ -122,14 +122,14 @@ def dissected(small_cohort, tmp_path_factory):
 
 
 def _an_image(ws: Workspace) -> dict:
-    from workspace.catalog import open_catalog
+    from workspace.base.catalog import open_catalog
 
     return dict(next(iter(open_catalog(ws).query("SELECT * FROM images ORDER BY image_id LIMIT 1"))))
 
 
 def test_query_on_a_read_reuses_its_maps_without_a_second_forward_pass(dissected):
     from models.inference import read_mammogram
-    from workspace.query import patch_maps
+    from workspace.dissect.query import patch_maps
 
     ws, _path, loaded, run = dissected
     image = _an_image(ws)
@@ -145,7 +145,7 @@ def test_query_on_a_read_reuses_its_maps_without_a_second_forward_pass(dissected
     assert calls == []                                   # the cached read's maps were used
     assert len(result.patches) >= 2
     # a caller holding the read (reports) gets the masks already built, not a rebuild
-    from workspace.query import image_masks_for
+    from workspace.dissect.query import image_masks_for
 
     assert image_masks_for(ws, image["image_id"], loaded, run, read=read) is result.image
     # the same numbers from the brute-force definition on the read's own maps
@@ -162,7 +162,7 @@ def test_query_on_a_read_reuses_its_maps_without_a_second_forward_pass(dissected
     np.testing.assert_array_equal(result.iou, expect_inter / expect_union)
     # the read's float16 maps are the model's maps at that patch (to float16 rounding)
     bx, by, s, _ = read.boxes[result.patches[0]]
-    from workspace.ingest import load_model_pixels
+    from workspace.data.ingest import load_model_pixels
 
     pixels = load_model_pixels(ws, image)
     fresh = patch_maps(loaded, torch.from_numpy(np.ascontiguousarray(pixels[by:by + s, bx:bx + s])))
@@ -170,7 +170,7 @@ def test_query_on_a_read_reuses_its_maps_without_a_second_forward_pass(dissected
 
 
 def test_mammo_query_cli(dissected, tmp_path, capsys):
-    from workspace.cli import main
+    from workspace.app.cli import main
 
     ws, path, loaded, run = dissected
     image = _an_image(ws)

@@ -8,8 +8,8 @@ import pytest
 
 from tests.fixtures.common import headless_chrome
 from tests.test_reports_numbers import ACTS, IOU, LAYER, MODEL, T
-from workspace.concepts import ConceptStore
-from workspace.reports import build_report, make_thumbnail
+from workspace.dissect.concepts import ConceptStore
+from workspace.dissect.reports import build_report, make_thumbnail
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),

@@ -13,14 +13,15 @@ from PIL import Image
 from models.checkpoint import base_meta, load_checkpoint, save_checkpoint
 from models.inference import read_mammogram
 from models.vgg import build_vgg
-from workspace import query, synth
-from workspace.catalog import open_catalog
-from workspace.cli import main
-from workspace.concepts import ConceptStore
-from workspace.config import Workspace
-from workspace.dissect_run import ActivationSource, execute_run
-from workspace.errors import CatalogError, QueryError
-from workspace.reports import report_for_image
+from workspace.app.cli import main
+from workspace.base.catalog import open_catalog
+from workspace.base.config import Workspace
+from workspace.base.errors import CatalogError, QueryError
+from workspace.data import synth
+from workspace.dissect import query
+from workspace.dissect.concepts import ConceptStore
+from workspace.dissect.dissect_run import ActivationSource, execute_run
+from workspace.dissect.reports import report_for_image
 
 PATCH = 64
 

@@ -9,9 +9,9 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
-from workspace.concepts import ConceptStore
-from workspace.errors import ConceptError
-from workspace.reports import ReportError, build_report
+from workspace.base.errors import ConceptError
+from workspace.dissect.concepts import ConceptStore
+from workspace.dissect.reports import ReportError, build_report
 
 MODEL, LAYER = "0123456789abcdef", "features.29"
 

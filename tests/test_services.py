@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 
-from workspace.services import free_port, serve_until_stopped, start_service
+from workspace.base.services import free_port, serve_until_stopped, start_service
 
 
 def _two_servers(ws) -> list:

@@ -19,9 +19,9 @@ from torch import nn
 
 from models.checkpoint import base_meta, save_checkpoint
 from models.vgg import build_vgg
-from workspace.catalog import open_catalog
-from workspace.cli import main
-from workspace.config import Workspace
+from workspace.app.cli import main
+from workspace.base.catalog import open_catalog
+from workspace.base.config import Workspace
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +30,8 @@ pytestmark = pytest.mark.slow
 def world(tmp_path_factory, _quiet_and_contained):
     """One synthetic patient at a reduced size, its patch set, a 1-channel ResNet-18 state_dict and our slim
     VGG (both untrained: the rule, not the model, is under test)."""
-    from workspace.patches import build_patch_set
-    from workspace.synth import synthesize
+    from workspace.data.patches import build_patch_set
+    from workspace.data.synth import synthesize
 
     base = tmp_path_factory.mktemp("session")
     ws = Workspace.open(base / "ws")
@@ -56,7 +56,7 @@ def _newest_run(ws) -> str:
 
 def test_a_torchvision_model_at_a_named_layer_through_dissect_report_query_and_the_backend(world, capsys):
     from ml_backend.app import load_model_and_run
-    from workspace.session import Session
+    from workspace.dissect.session import Session
 
     ws, image_id = world["ws"], world["image_id"]
     assert _cli(world, "dissect", "--model", str(world["resnet"]), "--arch", "torchvision:resnet18",
@@ -80,7 +80,7 @@ def test_a_torchvision_model_at_a_named_layer_through_dissect_report_query_and_t
 
 
 def test_our_vgg_at_a_non_default_layer_keeps_its_own_read(world, capsys):
-    from workspace.session import Session
+    from workspace.dissect.session import Session
 
     ws, image_id = world["ws"], world["image_id"]
     assert _cli(world, "read", image_id, "--model", str(world["vgg"])) == 0  # features.29, the default

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from workspace import synth
-from workspace.catalog import open_catalog
-from workspace.cli import main
-from workspace.config import Workspace
-from workspace.dicom_io import read_dicom
-from workspace.ingest import resolve_path
+from workspace.app.cli import main
+from workspace.base.catalog import open_catalog
+from workspace.base.config import Workspace
+from workspace.data import synth
+from workspace.data.dicom_io import read_dicom
+from workspace.data.ingest import resolve_path
 
 SHAPE = (832, 640)
 

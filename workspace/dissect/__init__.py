@@ -1,0 +1,1 @@
+"""The dissect layer: dissection, the ROI query, the concept store, reports, and the Session every surface opens (docs/ARCHITECTURE.md, "Layers")."""
