@@ -34,6 +34,7 @@ from workspace.base.errors import CatalogError, MammoError, ModelError
 from workspace.base.progress import progress
 from workspace.base.schema import utc_now
 from workspace.data.domain import DomainVerdict, domain_of
+from workspace.data.ingest import stored_path
 from workspace.data.patches import DEFAULT_MIN_TISSUE, tissue_grid  # the read grid is a patch rule
 
 DEFAULT_BATCH = 8
@@ -218,8 +219,7 @@ def read_mammogram(ws: Workspace, image_id: str, loaded: LoadedModel, *, stride:
         "image_id": image_id, "model_digest": loaded.digest, "score": read.image_score,
         "n_patches": int(len(boxes)), "n_suspicious": int(len(read.suspicious)),
         "operating_point": read.operating_point,
-        "cache_path": npz_path.relative_to(ws.root).as_posix() if npz_path.is_relative_to(ws.root)
-        else str(npz_path),
+        "cache_path": stored_path(ws, npz_path),
         "created_at": meta["created_at"],
     }, pk=("image_id", "model_digest"))
     return read

@@ -47,6 +47,7 @@ from workspace.base.config import Workspace
 from workspace.base.errors import CatalogError, MammoError
 from workspace.base.progress import progress
 from workspace.base.schema import utc_now
+from workspace.data.ingest import stored_path
 from workspace.dissect.dissection import (
     ALIGN_CORNERS,
     DEFAULT_QUANTILE,
@@ -362,13 +363,6 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
-def _relative(ws: Workspace, path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(ws.root))
-    except ValueError:
-        return str(path.resolve())
-
-
 def _record(ws: Workspace, row: dict[str, Any]) -> None:
     from workspace.base.catalog import open_catalog
 
@@ -454,7 +448,7 @@ def execute_run(ws: Workspace, source: ActivationSource, *, quantile: float = DE
     row = {"run_id": run_id, "model_digest": source.identity["model_digest"], "layer": source.identity["layer"],
            "patch_set": source.identity["patch_set"], "patch_set_digest": source.identity["patch_set_digest"],
            "quantile": float(quantile), "top_k": int(top_k), "n_units": stats.n_units, "n_patches": n,
-           "path": _relative(ws, final)}
+           "path": stored_path(ws, final)}
 
     if (final / MANIFEST).is_file():   # immutable: the same request finds the finished run
         run = load_run(ws, run_id)
