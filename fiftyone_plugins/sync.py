@@ -285,10 +285,10 @@ def _signature(ws: Workspace, run: Any, rows: list[dict]) -> str:
 
 
 def _relative(run: Any) -> np.ndarray:
-    """Max activations divided by each unit's threshold (units comparable: 1 = at the threshold)."""
-    acts = np.asarray(run.max_activations, dtype=np.float32)
-    thresholds = np.asarray(run.thresholds, dtype=np.float32)
-    return acts / np.where(thresholds > 0, thresholds, 1.0)[:, None]
+    """``relative_activation`` of the run's (units, patches) matrix, a unit without a scale (NaN) ranked last."""
+    from workspace.dissect.dissection import relative_activation
+
+    return np.nan_to_num(relative_activation(run.max_activations, run.thresholds), nan=-np.inf)
 
 
 def _unit_masks(maps: np.ndarray, thresholds: np.ndarray, size: int) -> np.ndarray:

@@ -129,3 +129,20 @@ def test_save_picks_format_from_suffix(labels, tmp_path):
     assert json.loads(report.save(tmp_path / "r.json").read_text())["n_units"] == 6
     assert report.save(tmp_path / "r.txt").read_text().startswith("4/6 units labelled")
     assert "<svg" in report.save(tmp_path / "r.html").read_text()
+
+
+def test_activation_over_threshold_has_one_definition_for_reports_and_fiftyone():
+    from types import SimpleNamespace
+
+    from fiftyone_plugins.sync import _relative
+    from workspace.dissect.dissection import relative_activation
+
+    acts = np.array([[2.0, 0.5], [0.0, 0.0], [3.0, 6.0]])
+    thresholds = np.array([2.0, 0.0, 3.0])  # unit 1 never reached its quantile: no scale
+    rel = relative_activation(acts, thresholds)
+    np.testing.assert_allclose(rel[[0, 2]], [[1.0, 0.25], [1.0, 2.0]])
+    assert np.isnan(rel[1]).all()
+    ranked = _relative(SimpleNamespace(max_activations=acts, thresholds=thresholds))
+    assert [int(np.argsort(-ranked[:, j], kind="stable")[-1]) for j in range(2)] == [1, 1]  # last on every patch
+    report = build_report(acts[:, 1], thresholds, {})
+    assert "1 unit(s) have T <= 0" in " ".join(report.notes)

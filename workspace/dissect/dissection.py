@@ -103,6 +103,16 @@ def max_activations(maps: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tenso
     return np.asarray(maps).reshape(*np.shape(maps)[:-2], -1).max(axis=-1)
 
 
+def relative_activation(activations: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Activations divided by their unit's threshold ``T`` (units comparable: 1.0 = at the threshold); NaN for a
+    unit with ``T <= 0`` (never active at the threshold quantile: it has no scale). ``activations`` has the
+    units on its first axis, ``thresholds`` is (units,)."""
+    acts = np.asarray(activations, dtype=np.float64)
+    thr = np.asarray(thresholds, dtype=np.float64).reshape((-1,) + (1,) * (acts.ndim - 1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(thr > 0, acts / np.where(thr > 0, thr, 1.0), np.nan)
+
+
 def pca_embedding(a: np.ndarray, n_components: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """PCA of ``a`` (units x patches, units as samples): (coords (units, n_components),
     explained_variance (n_components,), explained_variance_ratio (n_components,)).
@@ -145,4 +155,5 @@ def pca_embedding(a: np.ndarray, n_components: int = 2) -> tuple[np.ndarray, np.
 
 
 __all__ = ["DEFAULT_QUANTILE", "DEFAULT_TOP_K", "DEFAULT_IOU_THRESHOLD", "ALIGN_CORNERS", "MASK_RULE",
-           "bilinear_weights", "upsample_maps", "unit_masks", "roi_iou", "max_activations", "pca_embedding"]
+           "bilinear_weights", "upsample_maps", "unit_masks", "roi_iou", "max_activations", "relative_activation",
+           "pca_embedding"]

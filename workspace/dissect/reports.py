@@ -35,7 +35,7 @@ import numpy as np
 from workspace.base.errors import ConceptError, MammoError
 from workspace.base.schema import utc_now
 from workspace.dissect.concepts import Concept
-from workspace.dissect.dissection import DEFAULT_IOU_THRESHOLD
+from workspace.dissect.dissection import DEFAULT_IOU_THRESHOLD, relative_activation
 
 if TYPE_CHECKING:  # annotations only: torch is imported when a real report is made
 
@@ -213,8 +213,7 @@ def build_report(max_activations: Sequence[float] | np.ndarray, thresholds: Sequ
             raise ReportError(f"aligned units outside 0..{n_units - 1}")
     aligned_set = set(aligned_units)
 
-    with np.errstate(divide="ignore", invalid="ignore"):
-        normalised = np.where(thr > 0, acts / np.where(thr > 0, thr, 1.0), np.nan)
+    normalised = relative_activation(acts, thr)
 
     groups: dict[int, tuple[Concept, list[int]]] = {}
     for unit in sorted(int(u) for u in labels):
