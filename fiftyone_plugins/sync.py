@@ -73,7 +73,6 @@ def model_reader(ws: Workspace, run: Any, loaded: Any = None, batch_size: int = 
     """Scores and feature maps of the run's patches from the run's model (via ``models.features.capture``)."""
     import torch
 
-    from models.checkpoint import malignant_probability
     from models.features import capture
     from workspace.base.catalog import open_catalog
     from workspace.data.patches import open_patch_set
@@ -101,10 +100,11 @@ def model_reader(ws: Workspace, run: Any, loaded: Any = None, batch_size: int = 
             x = patch_set.batch([index[p]["array_index"] for p in chunk]).to(device)
             with torch.inference_mode(), capture(model, run.layer) as tap:
                 logits = model(loaded.preprocess(x))
-            scores = malignant_probability(logits).cpu().numpy()
+            scores = loaded.positive_probability(logits).cpu().numpy()
             yield chunk, scores, tap.output.float().cpu().numpy()
 
     read.operating_point = loaded.operating_point  # type: ignore[attr-defined]
+    read.positive_name = loaded.positive_name  # type: ignore[attr-defined]
     read.model_card = loaded.card.to_dict()  # type: ignore[attr-defined]
     read.training_domain = loaded.meta.get("training_domain")  # type: ignore[attr-defined]
     return read
@@ -204,7 +204,7 @@ def sync_reads(ws: Workspace, run: Any, *, prefix: str = DEFAULT_PREFIX, loaded:
         samples.append(fo.Sample(
             filepath=str(resolve_path(ws, row["display_path"])), image_id=row["image_id"], dataset=row["dataset"],
             laterality=row.get("laterality"), view=row.get("view"), score=score,
-            prediction=fo.Classification(label="possibly malignant" if score >= read.operating_point else "normal",
+            prediction=fo.Classification(label=loaded.positive_name if score >= read.operating_point else "normal",
                                          confidence=score),
             suspicious=fo.Detections(detections=detections), n_patches=int(len(read.scores)),
             n_suspicious=int(len(read.suspicious)), outside_domain=domain.outside, domain_warning=domain.warning()))
@@ -314,6 +314,7 @@ def _image_domains(ws: Workspace, rows: list[dict], profile: dict | None) -> dic
 def _build_patch_samples(fo: Any, ws: Workspace, run: Any, rows: list[dict], reader: Reader,
                          operating_point: float, domains: dict[str, Any]):
     acts = np.asarray(run.max_activations, dtype=np.float32)
+    positive = str(getattr(reader, "positive_name", "possibly malignant"))  # the model's positive class
     relative = _relative(run)
     thresholds = np.asarray(run.thresholds, dtype=np.float32)
     top_k = np.asarray(run.top_k).astype(np.int64)
@@ -350,7 +351,7 @@ def _build_patch_samples(fo: Any, ws: Workspace, run: Any, rows: list[dict], rea
                 filepath=row["thumb_abs"], patch_id=int(p), image_id=row["image_id"], x=int(row["x"]),
                 y=int(row["y"]), size=int(row["size"]), split=row["split"], array_index=int(row["array_index"]),
                 ground_truth=fo.Classification(label=GROUND_TRUTH.get(row["label"], "unlabelled")),
-                prediction=fo.Classification(label="possibly malignant" if score >= operating_point else "normal",
+                prediction=fo.Classification(label=positive if score >= operating_point else "normal",
                                              confidence=score),
                 score=score, max_activations=[float(v) for v in acts[:, col]],
                 top_units=[int(u) for u in top],

@@ -219,7 +219,7 @@ class Backend:
             for i in suspicious:
                 result.append(pr.rectangle(boxes[i], width, height, label=lc.SUSPICIOUS_LABEL, to_name="image",
                                            score=scores[i], rid=f"p{i}-{pr.region_id(image_id, i)[:6]}",
-                                           text=f"P(possibly malignant) = {scores[i]:.2f}{caveat}"))
+                                           text=f"{self.loaded.score_label} = {scores[i]:.2f}{caveat}"))
             result.append(pr.assessment(float(read.image_score), op, to_name="image"))
             index = int(np.argmax(scores)) if len(scores) else None
             score = float(read.image_score)

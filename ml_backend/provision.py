@@ -144,7 +144,7 @@ def write_review_images(ws: Workspace, row: dict, box: list[int]) -> tuple[Path,
 
 
 def review_tasks(ws: Workspace, row: dict, read: Any, document_root: Path, concepts: list[dict],
-                 model_card: str = "") -> list[dict]:
+                 model_card: str = "", score_label: str = "P(possibly malignant)") -> list[dict]:
     tasks = []
     scores = np.asarray(read.scores, dtype=np.float64)
     for i in np.asarray(read.suspicious).ravel():
@@ -154,7 +154,7 @@ def review_tasks(ws: Workspace, row: dict, read: Any, document_root: Path, conce
         tasks.append({"patch": local_files_url(patch, document_root), "image": local_files_url(context, document_root),
                       "image_id": row["image_id"], "box": box, "score": round(score, 4),
                       "laterality": row.get("laterality"), "view": row.get("view"),
-                      "title": f"{_title(row)} · patch at ({box[0]}, {box[1]}) · P(possibly malignant) = {score:.2f}",
+                      "title": f"{_title(row)} · patch at ({box[0]}, {box[1]}) · {score_label} = {score:.2f}",
                       "concepts": concepts, "model_card": model_card})
     return tasks
 
@@ -309,7 +309,7 @@ def provision(ws: Workspace, server: LabelStudioServer, *, backend_url: str,
                 except MammoError as error:
                     result.skipped.append(f"{row['image_id']}: {error}")
                     continue
-                wanted.extend(review_tasks(ws, row, read, document_root, concepts, card))
+                wanted.extend(review_tasks(ws, row, read, document_root, concepts, card, loaded.score_label))
         new = [t for t in wanted if _task_key(kind, t) not in existing]
         if new:
             client.projects.import_tasks(id=project.id, request=new, commit_to_project=True, return_task_ids=True)

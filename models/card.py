@@ -61,6 +61,11 @@ def with_card(meta: dict, checkpoint: str | os.PathLike, digest: str) -> dict:
 
 # -- the card ------------------------------------------------------------------------------------
 
+def short_class_name(name: str) -> str:
+    """A class name without a trailing parenthesis: "possibly malignant (BI-RADS 0)" -> "possibly malignant"."""
+    return name.split(" (")[0].strip() or name
+
+
 @dataclass
 class ModelCard:
     """What a reader must know about the model behind a score."""
@@ -74,6 +79,7 @@ class ModelCard:
     test_patches: int | None
     trained: str | None            # date (YYYY-MM-DD) or None
     has_domain_profile: bool
+    score_label: str = "P(possibly malignant)"  # how the score is named: P(<positive class>)
 
     @classmethod
     def from_meta(cls, meta: dict, fallback_name: str = "model") -> ModelCard:
@@ -89,11 +95,15 @@ class ModelCard:
         test = (meta.get("metrics") or {}).get("test") or {}
         ci = test.get("auc_ci")
         trained = meta.get("trained")
+        from models.vgg import CLASS_NAMES
+
+        names = meta.get("class_names") or list(CLASS_NAMES)
+        label = f"P({short_class_name(names[int(meta.get('positive_class', 1))])})"
         return cls(name=str(meta.get("name") or fallback_name), architecture=str(meta.get("architecture", "?")),
                    datasets=datasets, synthetic=synthetic, test_auc=test.get("auc"),
                    auc_ci=(float(ci["low"]), float(ci["high"])) if ci else None,
                    test_patches=test.get("n_patches"), trained=str(trained)[:10] if trained else None,
-                   has_domain_profile=bool(meta.get("training_domain")))
+                   has_domain_profile=bool(meta.get("training_domain")), score_label=label)
 
     @property
     def synthetic_only(self) -> bool:
@@ -125,7 +135,7 @@ class ModelCard:
         return {"name": self.name, "architecture": self.architecture, "datasets": self.datasets,
                 "synthetic": self.synthetic, "test_auc": self.test_auc,
                 "auc_ci": list(self.auc_ci) if self.auc_ci else None, "test_patches": self.test_patches,
-                "trained": self.trained, "summary": self.summary()}
+                "trained": self.trained, "score_label": self.score_label, "summary": self.summary()}
 
 
-__all__ = ["CARD_SUFFIX", "ModelCard", "card_path", "with_card"]
+__all__ = ["CARD_SUFFIX", "ModelCard", "card_path", "with_card", "short_class_name"]

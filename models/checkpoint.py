@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.card import ModelCard, with_card
+from models.card import ModelCard, short_class_name, with_card
 from models.device import pick_device
 from models.features import get_layer
 from models.vgg import ARCHITECTURES, CLASS_NAMES, DISSECTED_LAYER, build_vgg
@@ -58,7 +58,7 @@ class LoadedModel:
     digest: str
     path: Path
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    load_options: dict[str, Any] = field(default_factory=dict)  # {"arch", "trust"} it was loaded with, if any
+    load_options: dict[str, Any] = field(default_factory=dict)  # arch, trust, class options it was loaded with
 
     @property
     def architecture(self) -> str:
@@ -78,8 +78,32 @@ class LoadedModel:
         return ModelCard.from_meta(self.meta, fallback_name=self.path.stem)
 
     @property
+    def class_names(self) -> list[str]:
+        return list(self.meta.get("class_names") or CLASS_NAMES)
+
+    @property
+    def positive_index(self) -> int:
+        """The class whose probability is the score (``meta["positive_class"]``; default class 1, our
+        "possibly malignant (BI-RADS 0)")."""
+        return int(self.meta.get("positive_class", 1))
+
+    @property
+    def positive_name(self) -> str:
+        """The positive class in a few words: its name without a trailing parenthesis ("possibly malignant")."""
+        return short_class_name(self.class_names[self.positive_index])
+
+    @property
+    def score_label(self) -> str:
+        """How every surface names a score: ``P(possibly malignant)``, ``P(pneumonia)``..."""
+        return f"P({self.positive_name})"
+
+    def positive_probability(self, logits: torch.Tensor) -> torch.Tensor:
+        """softmax(logits)[:, positive class], float32."""
+        return torch.softmax(logits.float(), dim=1)[:, self.positive_index]
+
+    @property
     def operating_point(self) -> float:
-        """P(possibly malignant) at or above which a patch is called suspicious (chosen on validation)."""
+        """The score at or above which a patch is called suspicious (chosen on validation)."""
         op = self.meta.get("operating_point") or {}
         return float(op.get("threshold", DEFAULT_OPERATING_POINT))
 
@@ -91,8 +115,8 @@ class LoadedModel:
 
     @torch.inference_mode()
     def predict_proba(self, x01: torch.Tensor) -> torch.Tensor:
-        """P(possibly malignant) per patch, a CPU float32 tensor (B,)."""
-        return malignant_probability(self.model(self.preprocess(x01))).cpu()
+        """The score (the positive class's probability) per patch, a CPU float32 tensor (B,)."""
+        return self.positive_probability(self.model(self.preprocess(x01))).cpu()
 
 
 def normalise(x01: torch.Tensor, normalisation: dict, device: torch.device | str,
@@ -103,6 +127,28 @@ def normalise(x01: torch.Tensor, normalisation: dict, device: torch.device | str
     if channels != x.shape[1]:
         x = x.expand(-1, channels, -1, -1)
     return x.contiguous(memory_format=torch.channels_last)
+
+
+def class_options(class_names: str | None, positive_class: str | None) -> dict[str, Any]:
+    """``meta`` overrides from the ``--class-names A,B`` and ``--positive-class NAME|INDEX`` options, checked:
+    a site's CNN names its own classes and which one is the score."""
+    meta: dict[str, Any] = {}
+    names = [n.strip() for n in class_names.split(",")] if class_names else None
+    if names is not None:
+        if len(names) < 2 or any(not n for n in names):
+            raise ModelError(f"--class-names wants two or more comma-separated names, got {class_names!r}")
+        meta["class_names"] = names
+    if positive_class is not None:
+        known = names or list(CLASS_NAMES)
+        if positive_class.isdigit() and int(positive_class) < len(known):
+            meta["positive_class"] = int(positive_class)
+        elif positive_class in known:
+            meta["positive_class"] = known.index(positive_class)
+        else:
+            raise ModelError(f"--positive-class {positive_class!r} is none of the classes {known}")
+    elif names is not None:
+        meta["positive_class"] = len(names) - 1
+    return meta
 
 
 def malignant_probability(logits: torch.Tensor) -> torch.Tensor:
@@ -197,6 +243,18 @@ def _first_conv_channels(model: nn.Module) -> int:
     return 1
 
 
+def _check_classes(model: nn.Module, info: dict[str, Any], path: Path) -> None:
+    """The class names fit the network's output, and the positive class is one of them."""
+    names = info.get("class_names") or list(CLASS_NAMES)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if linears and linears[-1].out_features != len(names):
+        raise ModelError(f"{path.name} outputs {linears[-1].out_features} classes but {len(names)} class names are "
+                         f"given ({names}): name them with --class-names")
+    positive = int(info.get("positive_class", 1))
+    if not 0 <= positive < len(names):
+        raise ModelError(f"positive class {positive} is not one of the {len(names)} classes {names}")
+
+
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None = None, *,
                     arch: str | None = None, layer: str | None = None, trust: bool = False,
                     meta: dict[str, Any] | None = None) -> LoadedModel:
@@ -240,9 +298,11 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None =
     if meta:
         info.update(meta)
     get_layer(model, info["dissected_layer"])  # a clear error now rather than at dissection time
+    _check_classes(model, info, path)
     device = torch.device(device) if device is not None else pick_device()
     model = model.to(device).to(memory_format=torch.channels_last).eval()
     options = {k: v for k, v in (("arch", arch), ("trust", trust)) if v}
+    options.update({k: meta[k] for k in ("class_names", "positive_class") if meta and k in meta})
     return LoadedModel(model=model, meta=info, digest=digest, path=path.resolve(), device=device,
                        load_options=options)
 
@@ -284,6 +344,6 @@ def register_model(db: Any, loaded: LoadedModel, name: str | None = None) -> Non
                    [options, loaded.digest])
 
 
-__all__ = ["FORMAT", "SHIPPED_DEMO", "DEFAULT_NORMALISATION", "LoadedModel", "file_digest", "base_meta",
+__all__ = ["class_options", "FORMAT", "SHIPPED_DEMO", "DEFAULT_NORMALISATION", "LoadedModel", "file_digest", "base_meta",
            "normalise", "malignant_probability",
            "save_checkpoint", "load_checkpoint", "resolve_model_path", "register_model"]

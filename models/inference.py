@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.checkpoint import LoadedModel, malignant_probability, register_model
+from models.checkpoint import LoadedModel, register_model
 from models.features import capture
 from workspace.base.catalog import get_image, open_catalog
 from workspace.base.config import Workspace
@@ -52,7 +52,7 @@ class MammogramRead:
     size: int
     stride: int
     boxes: np.ndarray  # (N, 4) int64
-    scores: np.ndarray  # (N,) float32, P(possibly malignant)
+    scores: np.ndarray  # (N,) float32, the score: P(positive class), P(possibly malignant) for ours
     maps: np.ndarray | None  # (N, units, h, w) float16 (memory-mapped when read from the cache), or None
     operating_point: float
     cache_path: Path
@@ -159,7 +159,7 @@ def score_grid(loaded: LoadedModel, pixels: np.ndarray, boxes: np.ndarray, *, ke
             chunk = boxes[start:start + batch_size]
             x = np.stack([pixels[y:y + h, x0:x0 + w] for x0, y, w, h in chunk])[:, None]
             logits = loaded.model(loaded.preprocess(torch.from_numpy(np.ascontiguousarray(x))))
-            scores[start:start + len(chunk)] = malignant_probability(logits).cpu().numpy()
+            scores[start:start + len(chunk)] = loaded.positive_probability(logits).cpu().numpy()
             if keep_maps:
                 fmap = tap.output.to(torch.float16).cpu().contiguous().numpy()
                 if maps is None:

@@ -46,7 +46,8 @@ def test_a_chest_radiograph_through_read_dissect_query_and_report(tmp_path, caps
     net.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)
     torch.save(net.state_dict(), tmp_path / "resnet.pt")
     ws = ["--workspace", str(tmp_path / "ws")]
-    model = ["--model", str(tmp_path / "resnet.pt"), "--arch", "torchvision:resnet18", "--layer", "layer3"]
+    model = ["--model", str(tmp_path / "resnet.pt"), "--arch", "torchvision:resnet18", "--layer", "layer3",
+             "--class-names", "no finding,pneumonia", "--positive-class", "pneumonia"]
 
     assert main(["import", str(source), "--non-mg", "warn", *ws]) == 0
     db = open_catalog(Workspace.open(tmp_path / "ws"))
@@ -57,6 +58,9 @@ def test_a_chest_radiograph_through_read_dissect_query_and_report(tmp_path, caps
     foreground = load_foreground(Workspace.open(tmp_path / "ws"), row)
     assert 0.3 < foreground.mean() < 0.98 and foreground[row["rows"] // 2, row["cols"] // 2]
 
+    # the site's class names must fit its network: one clear error, nothing read
+    assert main(["read", "--all", *model[:6], "--class-names", "a,b,c", *ws]) == 1
+    assert "outputs 2 classes but 3 class names" in capsys.readouterr().err
     assert main(["read", "--all", *model, *ws]) == 0
     assert main(["patches", "--tissue", *ws]) == 0
     assert main(["dissect", "--patch-set", "tissue", "--split", "all", *model, *ws]) == 0
@@ -68,6 +72,8 @@ def test_a_chest_radiograph_through_read_dissect_query_and_report(tmp_path, caps
     assert main(["report", row["image_id"], "--roi", box, "--format", "text", *ws]) == 0
     text = capsys.readouterr().out
     assert "torchvision:resnet18" in text and "breast" not in text.lower()
+    # the run's model came back with the class names it was dissected with: the score is named by them
+    assert "P(pneumonia)" in text and "malignant" not in text
     out = tmp_path / "report.html"
     assert main(["report", row["image_id"], "--roi", box, "--out", str(out), *ws]) == 0
-    assert "breast" not in out.read_text().lower()
+    assert "breast" not in out.read_text().lower() and "P(pneumonia)" in out.read_text()

@@ -138,7 +138,7 @@ class Report:
             head += f"; {len(self.aligned)} aligned with the ROI (IoU>={self.iou_threshold:g})"
         lines = [head]
         if self.score:
-            lines.append(f"P(possibly malignant) {self.score['image_score']:.2f}; {self.score['n_suspicious']} of "
+            lines.append(f"{self.score['label']} {self.score['image_score']:.2f}; {self.score['n_suspicious']} of "
                          f"{self.score['n_patches']} patches suspicious")
         if self.domain_warning:
             lines.append("WARNING: " + self.domain_warning)
@@ -257,16 +257,17 @@ def build_report(max_activations: Sequence[float] | np.ndarray, thresholds: Sequ
                   model_digest=model_digest, layer=layer, run_id=run_id, query_id=query_id,
                   created_at=utc_now(), n_units=n_units, n_labelled=len(labels), iou_threshold=float(iou_threshold),
                   has_roi=ious is not None, roi=roi_summary, concepts=scores, label_me=label_me,
-                  aligned=aligned_units, notes=notes, thumbnail=thumbnail, score=read_score(read),
+                  aligned=aligned_units, notes=notes, thumbnail=thumbnail,
+                  score=read_score(read, getattr(card, "score_label", "P(possibly malignant)")),
                   model_card=card.to_dict() if card is not None else None,
                   domain=read.domain.to_dict() if read is not None and read.domain is not None else None)
 
 
-def read_score(read: Any) -> dict | None:
-    """What a report shows of a read: the image score and the suspicious patches."""
+def read_score(read: Any, label: str = "P(possibly malignant)") -> dict | None:
+    """What a report shows of a read: the image score (named ``label``) and the suspicious patches."""
     if read is None:
         return None
-    return {"image_score": float(read.image_score), "n_patches": int(len(read.scores)),
+    return {"label": label, "image_score": float(read.image_score), "n_patches": int(len(read.scores)),
             "n_suspicious": int(len(read.suspicious)), "operating_point": float(read.operating_point)}
 
 
@@ -483,7 +484,7 @@ def _render_html(report: Report) -> str:
         parts = []
         if report.score:
             sc = report.score
-            parts.append(f'<div><b>P(possibly malignant) {sc["image_score"]:.2f}</b> · {sc["n_suspicious"]} of '
+            parts.append(f'<div><b>{esc(sc["label"])} {sc["image_score"]:.2f}</b> · {sc["n_suspicious"]} of '
                          f'{sc["n_patches"]} patches at or above the operating point {sc["operating_point"]:.2f}</div>')
         if report.domain_warning:
             parts.append(f'<div class="warn">&#9888; {esc(report.domain_warning)}</div>')

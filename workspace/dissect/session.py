@@ -56,8 +56,9 @@ def load_run_model(ws: Workspace, run: Any, *, model_path: str | os.PathLike | N
         raise CatalogError(f"the model {run.model_digest} of run {run.run_id} is not in the catalog")
     options = json.loads(row[1]) if row is not None and row[1] else {}
     path = model_path if model_path is not None else resolve_path(ws, row[0])
+    classes = {k: options[k] for k in ("class_names", "positive_class") if k in options}
     loaded = load_checkpoint(path, device=device, arch=options.get("arch"), layer=run.layer,
-                             trust=bool(options.get("trust")))
+                             trust=bool(options.get("trust")), meta=classes or None)
     if loaded.digest != run.model_digest:
         raise CatalogError(f"run {run.run_id} dissected model {run.model_digest}, not {loaded.digest}")
     return loaded
@@ -128,9 +129,9 @@ class Session:
     @classmethod
     def open(cls, ws: Workspace | str | os.PathLike | None, *, run: Any = None, model: Any = None,
              arch: str | None = None, layer: str | None = None, trust: bool = False, device: str | None = None,
-             loaded: Any = None, iou_threshold: float | None = None) -> Session:
+             classes: dict | None = None, loaded: Any = None, iou_threshold: float | None = None) -> Session:
         """Open by the one rule of the module docstring. ``loaded`` passes an already loaded model (it
-        stands for ``model``)."""
+        stands for ``model``); ``classes``: ``models.checkpoint.class_options`` of a named model."""
         from models.checkpoint import load_checkpoint, resolve_model_path
         from workspace.dissect.dissect_run import latest_run, load_run
 
@@ -141,7 +142,8 @@ class Session:
             if run is not None:  # another copy of the run's model: loaded the way the run's model is
                 loaded = load_run_model(ws, run, model_path=resolve_model_path(ws, model), device=device)
             else:
-                loaded = load_checkpoint(resolve_model_path(ws, model), device, arch=arch, layer=layer, trust=trust)
+                loaded = load_checkpoint(resolve_model_path(ws, model), device, arch=arch, layer=layer, trust=trust,
+                                         meta=classes or None)
         if run is None and loaded is not None:
             run = latest_run(ws, loaded.digest, loaded.dissected_layer)
         elif run is None:

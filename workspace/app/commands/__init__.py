@@ -18,14 +18,18 @@ def add_model_options(p: argparse.ArgumentParser, *, layer_help: str = FOREIGN_L
     p.add_argument("--arch", help="for a plain state_dict: vgg16_slim, vgg16_1ch or torchvision:NAME")
     p.add_argument("--layer", help=layer_help)
     p.add_argument("--trust", action="store_true", help="allow a pickled whole model (runs code from the file)")
+    p.add_argument("--class-names", metavar="A,B", help="the model's classes in output order (default: the "
+                   "checkpoint's; a state_dict has none)")
+    p.add_argument("--positive-class", metavar="NAME", help="the class whose probability is the score (default: "
+                   "the checkpoint's, else class 1)")
 
 
 def load_model(ws: Any, args: argparse.Namespace) -> Any:
     """The checkpoint the options of :func:`add_model_options` name, loaded for inference."""
-    from models.checkpoint import load_checkpoint, resolve_model_path
+    from models.checkpoint import class_options, load_checkpoint, resolve_model_path
 
     return load_checkpoint(resolve_model_path(ws, args.model), args.device, arch=args.arch, layer=args.layer,
-                           trust=args.trust)
+                           trust=args.trust, meta=class_options(args.class_names, args.positive_class) or None)
 
 
 def given(args: argparse.Namespace, *names: str) -> dict[str, Any]:

@@ -36,8 +36,11 @@ def _run(args: argparse.Namespace) -> int:
     ws = Workspace.open(args.workspace)
     if (args.roi is None) == (args.roi_mask is None):
         raise QueryError("give exactly one of --roi x,y,w,h or --roi-mask PNG")
+    from models.checkpoint import class_options
+
     session = Session.open(ws, run=args.run, model=args.model, arch=args.arch, layer=args.layer, trust=args.trust,
-                           device=args.device, **given(args, "iou_threshold"))
+                           device=args.device, classes=class_options(args.class_names, args.positive_class),
+                           **given(args, "iou_threshold"))
     run = session.require_run()
     row = session.image(args.image_id)
     roi = _parse_box(args.roi) if args.roi else roi_mask_from_png(args.roi_mask, (int(row["rows"]), int(row["cols"])))
