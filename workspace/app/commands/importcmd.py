@@ -1,26 +1,21 @@
 """``mammo import PATH``: bring DICOM mammograms (or, with ``--format``, a public data set) into the catalog.
 
-Formats are a table: ``IMPORTERS[name] = (target, help)`` where ``target`` is ``"module:function"``,
-called as ``function(ws, path, **options) -> summary``. The options passed are ``non_mg`` always and
-``dataset`` when the user gave ``--dataset`` (each importer has its own default). The summary needs
-``to_text()`` and ``ok`` (see :class:`workspace.data.ingest.ImportSummary`). Add a format by adding a row.
+``--format``: ``dicom`` (a plain folder, ``workspace.data.ingest.import_folder``), ``auto`` (a detected data set,
+else ``dicom``) or a public data set of the registry ``workspace.data.import_formats.FORMATS`` (add a format
+there). Each is called as ``f(ws, path, **options) -> summary``: ``non_mg`` always, ``dataset`` when the user
+gave ``--dataset`` (each importer has its own default); the summary has ``to_text()`` and ``ok``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+
+from workspace.data.import_formats import FORMATS
 
 ORDER = 20
 
-IMPORTERS: dict[str, tuple[str, str]] = {
-    "dicom": ("workspace.data.ingest:import_folder", "a folder of DICOM files, any nesting (default)"),
-    "cbis-ddsm": ("workspace.data.importers.cbis_ddsm:import_dataset", "CBIS-DDSM as downloaded from TCIA"),
-    "vindr": ("workspace.data.importers.vindr:import_dataset", "VinDr-Mammo as released"),
-    "inbreast": ("workspace.data.importers.inbreast:import_dataset", "INbreast release (AllDICOMs, AllXML, csv)"),
-    "mias": ("workspace.data.importers.mias:import_dataset", "mini-MIAS (PGM files + Info.txt)"),
-    "auto": ("workspace.data.importers:import_auto", "detect one of the data sets above, else dicom"),
-}
+DICOM_HELP = "a folder of DICOM files, any nesting (default)"
+AUTO_HELP = "detect one of the data sets above, else dicom"
 
 
 MASK_MISMATCH_FORMATS = ("cbis-ddsm", "auto")
@@ -34,8 +29,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.mask_mismatch and args.format not in MASK_MISMATCH_FORMATS:
         # said, not ignored: the user expects masks to be handled a certain way
         raise MammoError(f"--mask-mismatch applies to CBIS-DDSM (--format cbis-ddsm or auto), not {args.format}")
-    module_name, function_name = IMPORTERS[args.format][0].split(":")
-    importer = getattr(importlib.import_module(module_name), function_name)
+    if args.format == "dicom":
+        from workspace.data.ingest import import_folder as importer
+    elif args.format == "auto":
+        from workspace.data.importers import import_auto as importer
+    else:
+        importer = FORMATS[args.format].run
     ws = Workspace.open(args.workspace)
     options = {"non_mg": args.non_mg}
     if args.dataset:
@@ -49,14 +48,15 @@ def _run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers, parents) -> None:
     """``mammo import PATH [--format NAME] [--dataset NAME] [--non-mg warn|refuse] [--mask-mismatch ...]``."""
-    formats = "; ".join(f"{name}: {text}" for name, (_, text) in IMPORTERS.items())
+    helps = {"dicom": DICOM_HELP, **{name: fmt.title for name, fmt in FORMATS.items()}, "auto": AUTO_HELP}
+    formats = "; ".join(f"{name}: {text}" for name, text in helps.items())
     parser = subparsers.add_parser(
         "import", parents=parents, help="import DICOM mammograms (or a public data set) into the catalog",
         description="Import every readable mammogram under PATH into the workspace catalog. Files that cannot "
                     "be used are skipped with their reason and the import goes on; re-running is idempotent. "
                     f"Formats: {formats}.")
     parser.add_argument("path", metavar="PATH", help="a folder (searched recursively) or one file")
-    parser.add_argument("--format", default="dicom", choices=sorted(IMPORTERS),
+    parser.add_argument("--format", default="dicom", choices=sorted(helps),
                         help="what PATH holds (default: dicom)")
     parser.add_argument("--dataset", metavar="NAME", default=None,
                         help="dataset name recorded in the catalog (default: 'local' for dicom)")

@@ -1,6 +1,7 @@
 """Importers for public mammography data sets, exactly as each publishes its folder.
 
-``FORMATS`` is the registry: name -> :class:`ImportFormat` (its module holds ``DATASET``, ``TITLE``,
+``FORMATS`` is the registry (:mod:`workspace.data.import_formats`, light enough for the CLI's parser): name ->
+:class:`ImportFormat` (its module holds ``DATASET``, ``TITLE``,
 ``looks_like(root) -> bool`` and ``import_dataset(ws, root, *, db=None, dataset=None, **options) ->
 ImportReport``). :func:`detect_format` names the format of a folder when exactly one layout matches;
 :func:`import_auto` is ``mammo import --format auto``: a detected data set, else a plain DICOM folder.
@@ -13,47 +14,15 @@ and why); shared rules live in :mod:`workspace.data.importers.common`.
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from workspace.data.import_formats import FORMATS, ImportFormat
 from workspace.data.importers.common import ImporterError, ImportReport
 
 if TYPE_CHECKING:  # annotations only
     from workspace.base.config import Workspace
     from workspace.data.ingest import ImportSummary
-
-
-@dataclass(frozen=True)
-class ImportFormat:
-    name: str
-    module: str
-    title: str
-
-    def load(self) -> ModuleType:
-        """The importer module (imported on first use: the CLI stays fast)."""
-        return importlib.import_module(self.module)
-
-    def looks_like(self, root: Path) -> bool:
-        """Whether ``root`` is laid out as this data set publishes it."""
-        return bool(self.load().looks_like(Path(root)))
-
-    def run(self, ws: Workspace, root: str | Path, **options: Any) -> ImportReport:
-        """``import_dataset(ws, root, **options)`` of this format."""
-        return self.load().import_dataset(ws, Path(root), **options)
-
-
-FORMATS: dict[str, ImportFormat] = {
-    "cbis-ddsm": ImportFormat("cbis-ddsm", "workspace.data.importers.cbis_ddsm",
-                              "CBIS-DDSM: TCIA DICOM folders + mass/calc case description CSVs"),
-    "vindr": ImportFormat("vindr", "workspace.data.importers.vindr",
-                          "VinDr-Mammo: images/<study>/<image>.dicom + breast-level and finding CSVs"),
-    "inbreast": ImportFormat("inbreast", "workspace.data.importers.inbreast",
-                             "INbreast: AllDICOMs/, AllXML/ ROI plists, INbreast.csv"),
-    "mias": ImportFormat("mias", "workspace.data.importers.mias", "mini-MIAS: mdbNNN.pgm + Info.txt"),
-}
 
 
 def detect_format(path: str | Path) -> str | None:
