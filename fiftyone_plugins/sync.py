@@ -313,8 +313,10 @@ def _image_domains(ws: Workspace, rows: list[dict], profile: dict | None) -> dic
 
 def _build_patch_samples(fo: Any, ws: Workspace, run: Any, rows: list[dict], reader: Reader,
                          operating_point: float, domains: dict[str, Any]):
+    from models.card import DEFAULT_POSITIVE
+
     acts = np.asarray(run.max_activations, dtype=np.float32)
-    positive = str(getattr(reader, "positive_name", "possibly malignant"))  # the model's positive class
+    positive = str(getattr(reader, "positive_name", DEFAULT_POSITIVE))  # the model's scored class
     relative = _relative(run)
     thresholds = np.asarray(run.thresholds, dtype=np.float32)
     top_k = np.asarray(run.top_k).astype(np.int64)

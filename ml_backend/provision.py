@@ -111,7 +111,8 @@ def _title(row: dict) -> str:
     return f"{row['image_id']} · {side}" if side else row["image_id"]
 
 
-def screening_task(row: dict, display: Path, document_root: Path, concepts: list[dict], model_card: str = "") -> dict:
+def screening_task(row: dict, display: Path, document_root: Path, concepts: list[dict],
+                   model_card: str = "") -> dict:
     return {"image": local_files_url(display, document_root), "image_id": row["image_id"],
             "laterality": row.get("laterality"), "view": row.get("view"), "title": _title(row),
             "concepts": concepts, "model_card": model_card}
@@ -144,7 +145,7 @@ def write_review_images(ws: Workspace, row: dict, box: list[int]) -> tuple[Path,
 
 
 def review_tasks(ws: Workspace, row: dict, read: Any, document_root: Path, concepts: list[dict],
-                 model_card: str = "", score_label: str = "P(possibly malignant)") -> list[dict]:
+                 model_card: str, score_label: str) -> list[dict]:
     tasks = []
     scores = np.asarray(read.scores, dtype=np.float64)
     for i in np.asarray(read.suspicious).ravel():
@@ -315,8 +316,10 @@ def provision(ws: Workspace, server: LabelStudioServer, *, backend_url: str,
             client.projects.import_tasks(id=project.id, request=new, commit_to_project=True, return_task_ids=True)
         for task_data in wanted:  # keep the offered concepts and the model card current on tasks made earlier
             task = existing.get(_task_key(kind, task_data))
-            current = task.data or {} if task is not None else {}
-            if task is not None and (current.get("concepts"), current.get("model_card")) != (concepts, card):
+            if task is None:
+                continue
+            current = task.data or {}
+            if (current.get("concepts"), current.get("model_card")) != (concepts, card):
                 client.tasks.update(id=str(task.id), data={**current, "concepts": concepts, "model_card": card})
         ml_id = webhook_id = None
         if connect_backend:

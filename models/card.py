@@ -19,6 +19,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.vgg import CLASS_NAMES
+
 log = logging.getLogger(__name__)
 
 CARD_SUFFIX = ".card.json"
@@ -66,6 +68,16 @@ def short_class_name(name: str) -> str:
     return name.split(" (")[0].strip() or name
 
 
+def positive_class_name(meta: dict) -> str:
+    """The scored class in a few words: ``class_names[positive_class]`` (default class 1 of ours,
+    "possibly malignant (BI-RADS 0)"), shortened."""
+    names = meta.get("class_names") or list(CLASS_NAMES)
+    return short_class_name(names[int(meta.get("positive_class", 1))])
+
+
+DEFAULT_POSITIVE = positive_class_name({})  # "possibly malignant": what a surface says with no model at hand
+
+
 @dataclass
 class ModelCard:
     """What a reader must know about the model behind a score."""
@@ -79,7 +91,7 @@ class ModelCard:
     test_patches: int | None
     trained: str | None            # date (YYYY-MM-DD) or None
     has_domain_profile: bool
-    score_label: str = "P(possibly malignant)"  # how the score is named: P(<positive class>)
+    score_label: str = f"P({DEFAULT_POSITIVE})"  # how the score is named: P(<positive class>)
 
     @classmethod
     def from_meta(cls, meta: dict, fallback_name: str = "model") -> ModelCard:
@@ -95,10 +107,7 @@ class ModelCard:
         test = (meta.get("metrics") or {}).get("test") or {}
         ci = test.get("auc_ci")
         trained = meta.get("trained")
-        from models.vgg import CLASS_NAMES
-
-        names = meta.get("class_names") or list(CLASS_NAMES)
-        label = f"P({short_class_name(names[int(meta.get('positive_class', 1))])})"
+        label = f"P({positive_class_name(meta)})"
         return cls(name=str(meta.get("name") or fallback_name), architecture=str(meta.get("architecture", "?")),
                    datasets=datasets, synthetic=synthetic, test_auc=test.get("auc"),
                    auc_ci=(float(ci["low"]), float(ci["high"])) if ci else None,
@@ -116,7 +125,7 @@ class ModelCard:
                     f"{s.get('patients', '?')} patients), no real images")
         if self.datasets:
             return ", ".join(self.datasets)
-        return "not recorded"
+        return "data it does not record"
 
     def performance(self) -> str:
         if self.test_auc is None:
@@ -138,4 +147,5 @@ class ModelCard:
                 "trained": self.trained, "score_label": self.score_label, "summary": self.summary()}
 
 
-__all__ = ["CARD_SUFFIX", "ModelCard", "card_path", "with_card", "short_class_name"]
+__all__ = ["CARD_SUFFIX", "DEFAULT_POSITIVE", "ModelCard", "card_path", "with_card", "short_class_name",
+           "positive_class_name"]

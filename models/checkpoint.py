@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.card import ModelCard, short_class_name, with_card
+from models.card import ModelCard, positive_class_name, with_card
 from models.device import pick_device
 from models.features import get_layer
 from models.vgg import ARCHITECTURES, CLASS_NAMES, DISSECTED_LAYER, build_vgg
@@ -89,8 +89,8 @@ class LoadedModel:
 
     @property
     def positive_name(self) -> str:
-        """The positive class in a few words: its name without a trailing parenthesis ("possibly malignant")."""
-        return short_class_name(self.class_names[self.positive_index])
+        """The scored class in a few words (``models.card.positive_class_name``): "possibly malignant"."""
+        return positive_class_name(self.meta)
 
     @property
     def score_label(self) -> str:

@@ -48,7 +48,7 @@ def test_a_card_for_another_file_is_ignored_with_a_warning(checkpoint, caplog):
 
 def test_a_model_with_no_record_says_so():
     card = ModelCard.from_meta({"architecture": "torchvision:resnet18"}, fallback_name="resnet")
-    assert card.summary() == "Model resnet (torchvision:resnet18): trained on not recorded; no test AUC recorded"
+    assert card.summary() == "Model resnet (torchvision:resnet18): trained on data it does not record; no test AUC recorded"
     assert not card.synthetic_only and not card.has_domain_profile
 
 

@@ -30,7 +30,6 @@ Writing: :func:`grayscale_dataset` and :func:`save_dicom` are the one way the co
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Mapping
@@ -493,7 +492,6 @@ class DicomImage:
             "flip_horizontal": int(self.flip_horizontal),
             "flip_vertical": int(self.flip_vertical),
             "modality": self.modality,
-            "inferred": json.dumps(self.inferred, sort_keys=True) if self.inferred else None,
         }
 
     # -- orientation ---------------------------------------------------------------------------

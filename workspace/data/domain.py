@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from workspace.base.modality import modality_of
+
 DOMAIN_FEATURES = ("background", "foreground_p05", "foreground_p50", "foreground_p95")
 PERCENTILE_NAMES = {"foreground_p05": "5th percentile", "foreground_p50": "median", "foreground_p95": "95th percentile"}
 MIN_MARGIN = {"background": 0.01, "foreground_p05": 0.03, "foreground_p50": 0.03, "foreground_p95": 0.03}
@@ -108,8 +110,6 @@ def check_domain(profile: dict | None, features: dict[str, Any], dataset: str | 
                  modality: str | None = None) -> DomainVerdict:
     """Compare one image's :func:`image_features` (and the data set it comes from, and its DICOM modality for
     the wording) with a training-domain profile; unchecked when the model has no profile."""
-    from workspace.base.modality import modality_of
-
     region = modality_of(modality)
     if not profile:
         return DomainVerdict(checked=False)
@@ -157,9 +157,13 @@ def features_of(ws: Any, row: dict, *, db: Any = None, pixels: np.ndarray | None
         foreground = ingest.load_foreground(ws, row)
     features = image_features(pixels, foreground, bits_stored=row.get("bits_stored"),
                               pixel_spacing=mean_spacing(row.get("pixel_spacing_row"), row.get("pixel_spacing_col")))
-    db = db if db is not None else open_catalog(ws)
-    db.execute("UPDATE images SET domain_features = ? WHERE image_id = ?", [json.dumps(features), row["image_id"]])
-    db.conn.commit()
+    own = db is None
+    db = open_catalog(ws) if own else db
+    try:
+        db.execute("UPDATE images SET domain_features = ? WHERE image_id = ?", [json.dumps(features), row["image_id"]])
+    finally:
+        if own:
+            db.conn.close()
     return features
 
 

@@ -258,12 +258,12 @@ def build_report(max_activations: Sequence[float] | np.ndarray, thresholds: Sequ
                   created_at=utc_now(), n_units=n_units, n_labelled=len(labels), iou_threshold=float(iou_threshold),
                   has_roi=ious is not None, roi=roi_summary, concepts=scores, label_me=label_me,
                   aligned=aligned_units, notes=notes, thumbnail=thumbnail,
-                  score=read_score(read, getattr(card, "score_label", "P(possibly malignant)")),
+                  score=read_score(read, card.score_label if card is not None else "score"),
                   model_card=card.to_dict() if card is not None else None,
                   domain=read.domain.to_dict() if read is not None and read.domain is not None else None)
 
 
-def read_score(read: Any, label: str = "P(possibly malignant)") -> dict | None:
+def read_score(read: Any, label: str) -> dict | None:
     """What a report shows of a read: the image score (named ``label``) and the suspicious patches."""
     if read is None:
         return None

@@ -64,6 +64,19 @@ def load_run_model(ws: Workspace, run: Any, *, model_path: str | os.PathLike | N
     return loaded
 
 
+def roi_mask(roi: np.ndarray | Sequence[float], shape: tuple[int, int]) -> np.ndarray:
+    """An ROI as a bool mask of an image of ``shape`` (rows, cols): a mask of that size, or an [x, y, w, h] box."""
+    from workspace.dissect.query import roi_from_box
+
+    if np.ndim(roi) == 2:
+        mask = np.asarray(roi, dtype=bool)
+        if mask.shape != tuple(shape):
+            raise QueryError(f"the ROI mask is {mask.shape[1]} x {mask.shape[0]} pixels, the image "
+                             f"{shape[1]} x {shape[0]}")
+        return mask
+    return roi_from_box(tuple(float(v) for v in roi), tuple(shape))
+
+
 def roi_mask_from_png(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:
     """An ROI mask image of the image's size (rows, cols): every non-zero pixel is in the ROI (a 0/1 or a
     0/255 mask reads the same); one clear error for an unreadable file or another size."""
@@ -230,28 +243,11 @@ class Session:
         with self._masks_lock:  # the engine's cache is a plain OrderedDict
             return image_masks_for(self.ws, image_id, self.loaded, self.require_run(), read=read)
 
-    def roi_of(self, image_id: str, roi: np.ndarray | Sequence[float]) -> np.ndarray:
-        """An ROI as a bool mask of the image: a mask of its size, or an [x, y, w, h] box."""
-        from workspace.dissect.query import roi_from_box
-
-        row = self.image(image_id)
-        shape = (int(row["rows"]), int(row["cols"]))
-        if np.ndim(roi) == 2:
-            mask = np.asarray(roi, dtype=bool)
-            if mask.shape != shape:
-                raise QueryError(f"the ROI mask is {mask.shape[1]} x {mask.shape[0]} pixels, the image "
-                                 f"{shape[1]} x {shape[0]}")
-            return mask
-        return roi_from_box(tuple(float(v) for v in roi), shape)
-
     def query(self, image_id: str, roi: np.ndarray | Sequence[float]) -> Any:
         """Every unit ranked by the IoU of its mask with the ROI (a bool mask of the image, or an [x, y, w, h]
         box), summed over the patches the ROI covers: ``ImageMasks.query``."""
-        from workspace.dissect.query import roi_from_box
-
         masks = self.image_masks(image_id)
-        mask = roi if np.ndim(roi) == 2 else roi_from_box(tuple(float(v) for v in roi), tuple(masks.shape))
-        return masks.query(mask, self.iou_threshold)
+        return masks.query(roi_mask(roi, tuple(masks.shape)), self.iou_threshold)
 
     def query_patch(self, image_id: str, index: int, roi: np.ndarray) -> Any:
         """An ROI (bool, the patch's size) on patch ``index`` of the image's read: ``workspace.dissect.query.query_patch``."""
@@ -287,13 +283,13 @@ class Session:
             maps = maps[[index]]
         # max over patches and positions; float16 max is exact, and a memory-mapped cache streams
         max_acts = np.asarray(np.max(maps, axis=(0, 2, 3)), dtype=np.float64)
-        iou = aligned = roi_geometry = roi_mask = None
+        iou = aligned = roi_geometry = roi_pixels = None
         if roi is not None:
-            roi_mask = self.roi_of(image_id, roi)
-            result = self.query(image_id, roi_mask)
+            roi_pixels = roi_mask(roi, (int(row["rows"]), int(row["cols"])))
+            result = self.query(image_id, roi_pixels)
             iou = np.asarray(result.iou, dtype=np.float64)
             aligned = [int(u) for u in result.aligned]
-            roi_geometry = encode_roi(roi_mask)
+            roi_geometry = encode_roi(roi_pixels)
         labels = self.store.labels(run.model_digest, run.layer)
         query_id = None
         if record and roi_geometry is not None:
@@ -310,12 +306,12 @@ class Session:
             display = resolve_path(self.ws, row["display_path"])
             if display.exists():
                 pixels = np.asarray(Image.open(display).convert("L"))
-                thumb = make_thumbnail(pixels, roi_mask=roi_mask if roi_mask is not None
-                                       and roi_mask.shape == pixels.shape else None)
+                thumb = make_thumbnail(pixels, roi_mask=roi_pixels if roi_pixels is not None
+                                       and roi_pixels.shape == pixels.shape else None)
         return build_report(max_acts, run.thresholds, labels, iou=iou, aligned=aligned,
                             iou_threshold=self.iou_threshold, image_id=image_id, patch_box=patch_box,
                             model_digest=run.model_digest, layer=run.layer, run_id=run.run_id, query_id=query_id,
                             roi=roi_geometry, thumbnail=thumb, read=read, card=self.card)
 
 
-__all__ = ["Session", "Lru", "load_run_model", "roi_mask_from_png", "READS_IN_MEMORY"]
+__all__ = ["Session", "Lru", "load_run_model", "roi_mask", "roi_mask_from_png", "READS_IN_MEMORY"]
