@@ -184,6 +184,7 @@ def sync_reads(ws: Workspace, run: Any, *, prefix: str = DEFAULT_PREFIX, loaded:
     if _meta(ds).get("signature") == signature and len(ds) == len(reads):
         return name, 0
     from models.inference import read_mammogram
+    from workspace.base.modality import modality_of
     from workspace.data.domain import domain_of
     from workspace.data.ingest import resolve_path
 
@@ -204,8 +205,9 @@ def sync_reads(ws: Workspace, run: Any, *, prefix: str = DEFAULT_PREFIX, loaded:
         samples.append(fo.Sample(
             filepath=str(resolve_path(ws, row["display_path"])), image_id=row["image_id"], dataset=row["dataset"],
             laterality=row.get("laterality"), view=row.get("view"), score=score,
-            prediction=fo.Classification(label=loaded.positive_name if score >= read.operating_point else "normal",
-                                         confidence=score),
+            prediction=fo.Classification(
+                label=loaded.positive_name if score >= read.operating_point else loaded.negative_name, confidence=score),
+            modality=modality_of(row.get("modality")).code,
             suspicious=fo.Detections(detections=detections), n_patches=int(len(read.scores)),
             n_suspicious=int(len(read.suspicious)), outside_domain=domain.outside, domain_warning=domain.warning()))
     ds.clear()

@@ -220,13 +220,15 @@ class Backend:
                 result.append(pr.rectangle(boxes[i], width, height, label=lc.SUSPICIOUS_LABEL, to_name="image",
                                            score=scores[i], rid=f"p{i}-{pr.region_id(image_id, i)[:6]}",
                                            text=f"{self.loaded.score_label} = {scores[i]:.2f}{caveat}"))
-            result.append(pr.assessment(float(read.image_score), op, to_name="image"))
+            result.append(pr.assessment(float(read.image_score), op, to_name="image",
+                                        choices=info.labels["assessment"]))
             index = int(np.argmax(scores)) if len(scores) else None
             score = float(read.image_score)
             offset, size_wh = (boxes[index][:2] if index is not None else None), (width, height)
         else:
             index = self._patch_index(task, read)
-            result.append(pr.assessment(float(scores[index]), op, to_name=info.image_name))
+            result.append(pr.assessment(float(scores[index]), op, to_name=info.image_name,
+                                        choices=info.labels["assessment"]))
             score = float(scores[index])
             offset, size_wh = np.array([0, 0]), (int(boxes[index][2]), int(boxes[index][3]))
         maps = None if read.maps is None else read.maps

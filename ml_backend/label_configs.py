@@ -12,7 +12,9 @@ Control names are the contract between the configs, the backend's answers and th
 - ``units``: the backend's brush regions (aligned units' masks, the most activated unit's map);
 - ``findings``: the suspicious patches as outline-only, read-only rectangles (Screening reads; a drag that
   starts on one with Ctrl held draws the ROI box instead of selecting it);
-- ``assessment``: the image-level (or patch-level) choice, with the model's score;
+- ``assessment``: the image-level (or patch-level) choice, with the model's score: the model's own
+  classes, positive first (``label_config(positive=..., negative=...)``; the backend answers with the
+  choices of the project's config, so a project keeps working when the model changes its words);
 - ``concept`` (existing concepts, from the task's ``concepts`` list) and ``new_concept`` (free text):
   the concept the reader sees in the ROI (the paper's progressive labelling);
 - ``report``: the per-concept report, as text.
@@ -22,7 +24,9 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+from xml.sax.saxutils import escape
 
+from models.card import DEFAULT_NEGATIVE, DEFAULT_POSITIVE
 from workspace.base.errors import MammoError
 
 SCREENING = "screening"
@@ -35,8 +39,6 @@ ALIGNED_LABEL = "aligned unit"
 MOST_ACTIVATED_LABEL = "most activated unit"
 MOST_ALIGNED_LABEL = "most aligned unit"
 SUSPICIOUS_LABEL = "suspicious patch"
-POSITIVE_CHOICE = "possibly malignant"
-NEGATIVE_CHOICE = "not suspicious"
 
 
 class LabelConfigError(MammoError):
@@ -111,18 +113,20 @@ ROI_HELP = ("Once: switch on Auto-Annotation, then Auto-Accept Suggestions (bott
 def _fill(template: str, target: str, **extra: str) -> str:
     return template.format(
         target=target, roi=ROI_LABEL, roi_help=ROI_HELP, aligned=ALIGNED_LABEL, most_aligned=MOST_ALIGNED_LABEL,
-        most_activated=MOST_ACTIVATED_LABEL, positive=POSITIVE_CHOICE, negative=NEGATIVE_CHOICE,
-        roi_colour=ROI_COLOUR, aligned_colour=ALIGNED_COLOUR, most_aligned_colour=MOST_ALIGNED_COLOUR,
+        most_activated=MOST_ACTIVATED_LABEL, roi_colour=ROI_COLOUR, aligned_colour=ALIGNED_COLOUR, most_aligned_colour=MOST_ALIGNED_COLOUR,
         most_activated_colour=MOST_ACTIVATED_COLOUR, **extra)
 
 
-def _panel(target: str, model_title: str, findings: bool) -> str:
+def _panel(target: str, model_title: str, findings: bool, positive: str, negative: str) -> str:
     rectangles = _FINDINGS.format(suspicious=SUSPICIOUS_LABEL, suspicious_colour=SUSPICIOUS_COLOUR) if findings else ""
     return (_fill(_ROI_PANEL, target) + _fill(_CONCEPT_PANEL, target)
-            + _fill(_MODEL_PANEL, target, model_title=model_title, findings=rectangles))
+            + _fill(_MODEL_PANEL, target, model_title=model_title, findings=rectangles,
+                    positive=escape(positive, _QUOTE), negative=escape(negative, _QUOTE)))
 
 
-SCREENING_CONFIG = f"""<View>
+_QUOTE = {'"': "&quot;"}
+
+_SCREENING = """<View>
   <Header value="$title" size="4"/>
   <View style="display: flex; gap: 20px; align-items: flex-start">
     <View style="flex: 3; min-width: 0">
@@ -130,13 +134,13 @@ SCREENING_CONFIG = f"""<View>
              maxWidth="100%" maxHeight="calc(100vh - 220px)"/>
     </View>
     <View style="flex: 2; min-width: 320px">
-{_panel("image", "The model's read of this mammogram", findings=True)}
+{panel}
     </View>
   </View>
 </View>
 """
 
-PATCH_REVIEW_CONFIG = f"""<View>
+_PATCH_REVIEW = """<View>
   <Header value="$title" size="4"/>
   <View style="display: flex; gap: 20px; align-items: flex-start">
     <View style="flex: 2; min-width: 0">
@@ -145,17 +149,35 @@ PATCH_REVIEW_CONFIG = f"""<View>
              maxWidth="100%"/>
     </View>
     <View style="flex: 1; min-width: 0">
-      <Header value="Where it lies (orange outline)" size="5"/>
+      <Header value="Where it lies in the {subject} (orange outline)" size="5"/>
       <Image name="context" value="$image" zoom="true" zoomControl="true" rotateControl="false"
              maxWidth="100%"/>
     </View>
     <View style="flex: 2; min-width: 320px">
-{_panel("patch", "The model's read of this patch", findings=False)}
+{panel}
     </View>
   </View>
 </View>
 """
 
+
+
+def label_config(kind: str, *, positive: str = DEFAULT_POSITIVE, negative: str = DEFAULT_NEGATIVE,
+                 subject: str = "mammogram") -> str:
+    """The label config of a project ``kind`` for a model whose classes are ``positive`` / ``negative``
+    (``LoadedModel.positive_name`` / ``negative_name``), on images called ``subject`` ("mammogram", or
+    "image" for other modalities: :attr:`workspace.base.modality.Modality.subject`)."""
+    if kind == SCREENING:
+        panel = _panel("image", f"The model's read of this {subject}", True, positive, negative)
+        return _SCREENING.format(panel=panel)
+    if kind == PATCH_REVIEW:
+        panel = _panel("patch", "The model's read of this patch", False, positive, negative)
+        return _PATCH_REVIEW.format(panel=panel, subject=escape(subject, _QUOTE))
+    raise LabelConfigError(f"unknown project kind {kind!r}: {SCREENING}, {PATCH_REVIEW}")
+
+
+SCREENING_CONFIG = label_config(SCREENING)  # the shipped model's configs
+PATCH_REVIEW_CONFIG = label_config(PATCH_REVIEW)
 CONFIGS = {SCREENING: SCREENING_CONFIG, PATCH_REVIEW: PATCH_REVIEW_CONFIG}
 
 # what each kind needs: control name -> (tag, toName)
@@ -206,6 +228,9 @@ def parse_config(label_config: str) -> ConfigInfo:
         shown = "; ".join(missing) or 'Image name="image"'
         raise LabelConfigError(f"this label config is not a mammo-dissect {TITLES[kind]} config: it lacks "
                                f"{shown} (re-provision the project with `mammo ls provision`)")
+    if len(labels.get("assessment", [])) != 2:
+        raise LabelConfigError('the "assessment" choices of this label config are not two (the model\'s positive '
+                               'and negative answers)')
     if ROI_LABEL not in labels.get("roi", []):
         raise LabelConfigError(f'the "roi" brush of this label config has no "{ROI_LABEL}" label')
     image_name = "patch" if kind == PATCH_REVIEW else "image"
@@ -215,5 +240,4 @@ def parse_config(label_config: str) -> ConfigInfo:
 
 __all__ = ["SCREENING", "PATCH_REVIEW", "TITLES", "CONFIGS", "SCREENING_CONFIG", "PATCH_REVIEW_CONFIG",
            "ConfigInfo", "LabelConfigError", "parse_config", "ROI_LABEL", "ALIGNED_LABEL",
-           "MOST_ACTIVATED_LABEL", "MOST_ALIGNED_LABEL", "SUSPICIOUS_LABEL", "POSITIVE_CHOICE",
-           "NEGATIVE_CHOICE", "ROI_HELP"]
+           "MOST_ACTIVATED_LABEL", "MOST_ALIGNED_LABEL", "SUSPICIOUS_LABEL", "ROI_HELP", "label_config"]

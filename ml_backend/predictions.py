@@ -120,10 +120,11 @@ def text_area(text: str, *, to_name: str, from_name: str = "report") -> dict:
             "value": {"text": [text]}}
 
 
-def assessment(score: float, operating_point: float, *, to_name: str) -> dict:
-    """The image- (or patch-) level choice: possibly malignant when the score reaches the operating point."""
-    value = lc.POSITIVE_CHOICE if score >= operating_point else lc.NEGATIVE_CHOICE
-    return choice(value, to_name=to_name, score=score)
+def assessment(score: float, operating_point: float, *, to_name: str, choices: list[str]) -> dict:
+    """The image- (or patch-) level choice of the project's ``choices`` (positive, negative: the
+    ``assessment`` labels of its config): the positive one when the score reaches the operating point."""
+    positive, negative = choices
+    return choice(positive if score >= operating_point else negative, to_name=to_name, score=score)
 
 
 def unit_text(unit: int, *, iou: float | None = None, concept: str | None = None,

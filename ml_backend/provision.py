@@ -86,7 +86,7 @@ def _image_rows(ws: Workspace, image_ids: list[str] | None) -> list[dict]:
 
     db = open_catalog(ws)
     try:
-        sql = "SELECT image_id, laterality, view, rows, cols, display_path, split FROM images"
+        sql = "SELECT image_id, laterality, view, rows, cols, display_path, split, modality FROM images"
         rows = [dict(r) for r in db.query(sql + " ORDER BY image_id")]
     finally:
         db.conn.close()
@@ -166,11 +166,22 @@ def _task_key(kind: str, data: dict) -> tuple:
     return (data.get("image_id"),)
 
 
-def _ensure_project(client, title: str, kind: str, version: str | None) -> Any:
+def project_config(kind: str, loaded: Any, rows: list[dict]) -> str:
+    """The label config of a project for this model (its classes as the assessment) and these images
+    (called mammograms when all are mammography, images otherwise)."""
+    from workspace.base.modality import MAMMOGRAPHY, modality_of
+
+    subjects = {modality_of(r.get("modality")).subject for r in rows} or {MAMMOGRAPHY.subject}
+    subject = subjects.pop() if len(subjects) == 1 else "image"
+    return lc.label_config(kind, positive=loaded.positive_name, negative=loaded.negative_name, subject=subject)
+
+
+def _ensure_project(client, title: str, kind: str, version: str | None, label_config: str,
+                    notes: list[str]) -> Any:
     found = [p for p in _items(client.projects.list(title=title)) if p.title == title]
     description = (f"mammo-dissect {lc.TITLES[kind]}: the model's suspicious patches; draw an ROI with the "
-                   "smart brush to see which neurons align with it.")
-    settings = dict(label_config=lc.CONFIGS[kind], description=description, show_collab_predictions=True,
+                   "smart box to see which neurons align with it.")
+    settings = dict(label_config=label_config, description=description, show_collab_predictions=True,
                     evaluate_predictions_automatically=True)
     if version:
         settings["model_version"] = version
@@ -180,6 +191,13 @@ def _ensure_project(client, title: str, kind: str, version: str | None) -> Any:
         # prediction) of that version exists, so it is set after the backend is connected (_set_version).
         settings.pop("model_version", None)
         changed = {k: v for k, v in settings.items() if getattr(project, k, None) != v}
+        if "label_config" in changed:
+            # another model's classes: Label Studio refuses a config that drops choices its annotations
+            # use; the old config is kept then (the backend answers with the choices the project has)
+            try:
+                project = client.projects.update(id=project.id, label_config=changed.pop("label_config"))
+            except Exception as error:  # the SDK's ApiError with Label Studio's validation message
+                notes.append(f"{title}: Label Studio kept the project's label config ({getattr(error, 'body', error)})")
         if changed:
             project = client.projects.update(id=project.id, **changed)
         return project
@@ -291,7 +309,7 @@ def provision(ws: Workspace, server: LabelStudioServer, *, backend_url: str,
     result = ProvisionResult(url=server.url)
     for kind in kinds:
         title = f"{lc.TITLES[kind]}{title_suffix}"
-        project = _ensure_project(client, title, kind, version)
+        project = _ensure_project(client, title, kind, version, project_config(kind, loaded, rows), result.skipped)
         storage_id = _ensure_storage(client, project.id, ws.root / "derived")
         existing = _existing_tasks(client, project.id)
         wanted: list[dict] = []

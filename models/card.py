@@ -75,7 +75,18 @@ def positive_class_name(meta: dict) -> str:
     return short_class_name(names[int(meta.get("positive_class", 1))])
 
 
+def negative_class_name(meta: dict) -> str:
+    """What a reader answers when the score is below the operating point: the other class of a two-class
+    model ("BI-RADS 1/2" for ours), "not <positive>" when there are more classes."""
+    names = meta.get("class_names") or list(CLASS_NAMES)
+    positive = int(meta.get("positive_class", 1))
+    if len(names) == 2:
+        return short_class_name(names[1 - positive])
+    return f"not {short_class_name(names[positive])}"
+
+
 DEFAULT_POSITIVE = positive_class_name({})  # "possibly malignant": what a surface says with no model at hand
+DEFAULT_NEGATIVE = negative_class_name({})  # "BI-RADS 1/2"
 
 
 @dataclass
@@ -147,5 +158,5 @@ class ModelCard:
                 "trained": self.trained, "score_label": self.score_label, "summary": self.summary()}
 
 
-__all__ = ["CARD_SUFFIX", "DEFAULT_POSITIVE", "ModelCard", "card_path", "with_card", "short_class_name",
-           "positive_class_name"]
+__all__ = ["CARD_SUFFIX", "DEFAULT_POSITIVE", "DEFAULT_NEGATIVE", "ModelCard", "card_path", "with_card",
+           "short_class_name", "positive_class_name", "negative_class_name"]

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.card import ModelCard, positive_class_name, with_card
+from models.card import ModelCard, negative_class_name, positive_class_name, with_card
 from models.device import pick_device
 from models.features import get_layer
 from models.vgg import ARCHITECTURES, CLASS_NAMES, DISSECTED_LAYER, build_vgg
@@ -91,6 +91,11 @@ class LoadedModel:
     def positive_name(self) -> str:
         """The scored class in a few words (``models.card.positive_class_name``): "possibly malignant"."""
         return positive_class_name(self.meta)
+
+    @property
+    def negative_name(self) -> str:
+        """The answer below the operating point (``models.card.negative_class_name``): "BI-RADS 1/2"."""
+        return negative_class_name(self.meta)
 
     @property
     def score_label(self) -> str:

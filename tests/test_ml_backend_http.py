@@ -12,6 +12,7 @@ import requests
 from ml_backend import label_configs as lc
 from ml_backend import predictions as pr
 from ml_backend.rle import decode_mask
+from models.card import DEFAULT_NEGATIVE, DEFAULT_POSITIVE
 
 pytestmark = pytest.mark.slow
 
@@ -75,8 +76,8 @@ def test_screening_prediction_geometry_and_scores(ls_backend, ls_pipeline, world
         assert rect["score"] == pytest.approx(float(read.scores[i]), abs=1e-6)
     [choice] = [r for r in regions if r["type"] == "choices"]
     assert choice["score"] == pytest.approx(read.image_score, abs=1e-6)
-    assert choice["value"]["choices"] == [lc.POSITIVE_CHOICE if read.image_score >= read.operating_point
-                                          else lc.NEGATIVE_CHOICE]
+    assert choice["value"]["choices"] == [DEFAULT_POSITIVE if read.image_score >= read.operating_point
+                                          else DEFAULT_NEGATIVE]
     assert prediction["score"] == pytest.approx(read.image_score, abs=1e-6)
     # the most activated unit's mask on the most suspicious patch, as a full-image brush region
     from workspace.dissect.query import PatchMasks

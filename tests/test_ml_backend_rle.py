@@ -85,6 +85,26 @@ def test_both_label_configs_parse_and_name_their_image():
     assert screening.labels["roi"] == [lc.ROI_LABEL]
     review = lc.parse_config(lc.PATCH_REVIEW_CONFIG)
     assert (review.kind, review.image_name, review.image_value) == (lc.PATCH_REVIEW, "patch", "patch")
+    assert screening.labels["assessment"] == review.labels["assessment"] == ["possibly malignant", "BI-RADS 1/2"]
+
+
+def test_a_label_config_speaks_the_models_classes_and_the_images_name():
+    from models.card import negative_class_name, positive_class_name
+
+    meta = {"class_names": ["no finding", 'pneumonia "lobar"'], "positive_class": 1}
+    positive, negative = positive_class_name(meta), negative_class_name(meta)
+    assert (positive, negative) == ('pneumonia "lobar"', "no finding")
+    assert negative_class_name({"class_names": ["a", "b", "c"], "positive_class": 0}) == "not a"
+    for kind in (lc.SCREENING, lc.PATCH_REVIEW):
+        config = lc.label_config(kind, positive=positive, negative=negative, subject="image")
+        info = lc.parse_config(config)  # quotes in a class name are escaped, the XML stays valid
+        assert info.labels["assessment"] == [positive, negative]
+        assert "mammogram" not in config and "malignant" not in config
+    choices = info.labels["assessment"]
+    assert pr.assessment(0.7, 0.5, to_name="patch", choices=choices)["value"]["choices"] == [positive]
+    assert pr.assessment(0.3, 0.5, to_name="patch", choices=choices)["value"]["choices"] == [negative]
+    with pytest.raises(lc.LabelConfigError, match="unknown project kind"):
+        lc.label_config("triage")
 
 
 @pytest.mark.parametrize("config, match", [
@@ -93,6 +113,7 @@ def test_both_label_configs_parse_and_name_their_image():
     ('<View><Image name="image" value="$image"/><Choices name="c" toName="image"><Choice value="a"/>'
      '</Choices></View>', 'BrushLabels name="roi"'),
     (lc.SCREENING_CONFIG.replace('<Label value="ROI"', '<Label value="region"'), 'no "ROI" label'),
+    (lc.SCREENING_CONFIG.replace('<Choice value="BI-RADS 1/2"/>', ''), 'choices of this label config are not two'),
 ])
 def test_wrong_label_configs_are_refused_with_the_reason(config, match):
     with pytest.raises(lc.LabelConfigError, match=match):

@@ -10,6 +10,7 @@ import requests
 
 from ml_backend import label_configs as lc
 from ml_backend import predictions as pr
+from models.card import DEFAULT_POSITIVE
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +68,7 @@ def test_submit_labels_the_aligned_units_then_update_and_delete_keep_history(ls_
     created = event("ANNOTATION_CREATED", 901, aligned_roi["image_id"], [
         roi_region(aligned_roi["roi"]),
         {"from_name": "new_concept", "to_name": "image", "type": "textarea", "value": {"text": ["Spiculated margin"]}},
-        {"from_name": "assessment", "to_name": "image", "type": "choices", "value": {"choices": [lc.POSITIVE_CHOICE]}},
+        {"from_name": "assessment", "to_name": "image", "type": "choices", "value": {"choices": [DEFAULT_POSITIVE]}},
     ])
     response = post(ls_backend, created)
     assert response.status_code == 200, response.text
@@ -83,7 +84,7 @@ def test_submit_labels_the_aligned_units_then_update_and_delete_keep_history(ls_
     assert query.image_id == aligned_roi["image_id"] and query.asked_by == "labelstudio:reader@mammo.test"
     [stored] = rows_of(ws, 901)
     assert stored["action"] == "ANNOTATION_CREATED" and stored["concept"] == "Spiculated margin"
-    assert json.loads(stored["choices"]) == {"assessment": [lc.POSITIVE_CHOICE]}
+    assert json.loads(stored["choices"]) == {"assessment": [DEFAULT_POSITIVE]}
     assert json.loads(stored["roi"])["query_id"] == query.query_id and stored["image_id"] == aligned_roi["image_id"]
 
     # the reader changes the concept and keeps only one of the answered unit regions

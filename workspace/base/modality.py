@@ -5,7 +5,7 @@ the image is mirrored so the chest wall is on the left (checked from the pixels)
 from BI-RADS, the foreground is the breast, the views are CC / MLO ... Any other modality (a chest ``CR``,
 ``DX``, ...) imported with ``mammo import --non-mg warn`` goes through the same read, dissection, query
 and report with none of these: it keeps the orientation it was stored in, BI-RADS means nothing for it,
-and its foreground is called the body. The foreground rule itself (Otsu on the windowed image, largest
+its foreground is called the body and one image an image (not a mammogram). The foreground rule itself (Otsu on the windowed image, largest
 component, holes filled) holds for both: the imaged part against the detector's empty field.
 """
 
@@ -21,13 +21,14 @@ class Modality:
     region: str              # what the foreground is: "breast", "body"
     chest_wall_left: bool    # mirror to the normalised mammography orientation
     birads: bool             # image-level labels may come from BI-RADS
+    subject: str = "image"   # what a reader calls one image: "mammogram", "image"
 
     def region_intensity(self, what: str) -> str:
         """``"breast intensity (median)"`` for ``what="median"``: the reader's wording of a foreground feature."""
         return f"{self.region} intensity ({what})"
 
 
-MAMMOGRAPHY = Modality("MG", "mammography", "breast", chest_wall_left=True, birads=True)
+MAMMOGRAPHY = Modality("MG", "mammography", "breast", chest_wall_left=True, birads=True, subject="mammogram")
 
 
 def modality_of(code: str | None) -> Modality:
