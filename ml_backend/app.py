@@ -41,6 +41,7 @@ import numpy as np
 
 from ml_backend import label_configs as lc
 from ml_backend import predictions as pr
+from ml_backend import settings
 from ml_backend.predictions import RequestError
 from workspace.base.catalog import json_default
 from workspace.base.config import Workspace
@@ -52,8 +53,7 @@ log = logging.getLogger("mammo.ml_backend")
 
 MAX_BODY_BYTES = 256 * 1024 * 1024
 DEFAULT_TOP_UNITS = 5
-AUTH_USER_ENV = "MAMMO_BACKEND_USER"
-AUTH_PASSWORD_ENV = "MAMMO_BACKEND_PASSWORD"
+AUTH_USER_ENV, AUTH_PASSWORD_ENV = settings.AUTH_USER[0], settings.AUTH_PASSWORD[0]   # what a child is given
 RUN_ENV = "MAMMO_BACKEND_RUN"
 MODEL_ENV = "MAMMO_BACKEND_MODEL"
 
@@ -99,7 +99,7 @@ class Backend:
         self._activations = Lru(64)
         self._warming: set[str] = set()
         self._warmer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm-masks")
-        self._labelstudio: tuple[str, str] | None = None
+        self._labelstudio: tuple[str, str] | None = settings.labelstudio()   # /setup overrides it
         self._emails: dict[int, str | None] = {}
 
     # -- pieces of state ---------------------------------------------------------------------
@@ -159,7 +159,12 @@ class Backend:
         info = lc.parse_config(payload.get("label_config") or "")
         params = payload.get("params") or {}
         context = params.get("context") if isinstance(params, dict) else None
+        if not all(isinstance(t, dict) and isinstance(t.get("data", {}), dict) for t in tasks):
+            raise RequestError("every task must be an object with an object \"data\"", code="bad_task")
         if context:
+            if not isinstance(context, dict):
+                raise RequestError("params.context must be an object", code="bad_result")
+            pr.check_results(context.get("result"), "params.context.result")
             if len(tasks) != 1:
                 raise RequestError("an interactive request carries exactly one task", code="bad_request")
             return {"results": [self.interactive(tasks[0], info, context)], "model_version": self.model_version}
@@ -448,7 +453,14 @@ class BackendApp:
                                status=404, code="no_route")
         if method != "POST":
             raise RequestError(f"{path} answers POST", status=405, code="method")
-        return 200, handlers[path](_read_json(environ))
+        payload = _read_json(environ)
+        try:
+            return 200, handlers[path](payload)
+        except (AttributeError, TypeError) as error:
+            # a field of another type than Label Studio sends, deep in the payload: the request's fault
+            log.warning("%s: a request of an unexpected shape:\n%s", path, traceback.format_exc())
+            raise RequestError(f"the request does not have the shape Label Studio sends ({type(error).__name__}: "
+                               f"{error})", code="bad_shape") from None
 
     def _setup(self, payload: dict) -> dict:
         self.backend.remember_labelstudio(payload.get("hostname"), payload.get("access_token"))
@@ -476,20 +488,41 @@ def _read_json(environ: dict) -> dict:
         payload = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as error:
         raise RequestError(f"the request body is not JSON ({error})", code="bad_json") from None
-    if not isinstance(payload, dict):
+    except RecursionError:
+        payload = None
+    if payload is not None and not isinstance(payload, dict):
         raise RequestError("the request body must be a JSON object", code="bad_json")
+    if payload is None or _too_deep(payload, MAX_DEPTH):
+        raise RequestError(f"the request body is nested more than {MAX_DEPTH} levels deep (a Label Studio "
+                           "request is a few levels)", code="bad_json")
     return payload
 
 
+MAX_DEPTH = 64
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether ``value`` (parsed JSON) nests lists and objects more than ``limit`` levels (no recursion)."""
+    level = [value]
+    for _ in range(limit + 1):
+        level = [v for x in level for v in (x.values() if isinstance(x, dict) else x if isinstance(x, list) else ())
+                 if isinstance(v, (dict, list))]
+        if not level:
+            return False
+    return True
+
+
 def auth_from_env() -> tuple[str, str] | None:
-    """The basic-auth login from ``$MAMMO_BACKEND_USER`` / ``$MAMMO_BACKEND_PASSWORD`` (None unless both set)."""
-    user, password = os.environ.get(AUTH_USER_ENV), os.environ.get(AUTH_PASSWORD_ENV)
-    return (user, password) if user and password else None
+    """The basic-auth login from the environment (:func:`ml_backend.settings.auth`: ``BASIC_AUTH_USER`` /
+    ``BASIC_AUTH_PASS`` or ours, or a password file); None unless both are set."""
+    return settings.auth()
 
 
 def create_app(workspace: str | os.PathLike | None = None) -> BackendApp:
     """The app for gunicorn (``ml_backend.app:create_app()``): workspace from the argument or
-    ``$MAMMO_WORKSPACE``; basic auth from ``$MAMMO_BACKEND_USER`` / ``$MAMMO_BACKEND_PASSWORD`` when set."""
+    ``$MAMMO_WORKSPACE``; basic auth, Label Studio's URL and token, and the log level from the environment
+    (:mod:`ml_backend.settings`)."""
+    logging.getLogger("mammo").setLevel(settings.log_level())
     app = BackendApp(Workspace.open(workspace), auth=auth_from_env())
     app.backend  # load the model and the run before the first request  # noqa: B018
     return app

@@ -138,11 +138,10 @@ def launch(ws: Workspace, *, port: int | None = None, data_dir: Path | None = No
     creds = credentials(ws)
     url = f"http://127.0.0.1:{port}"
     env = server_env(ws, port=port, data_dir=data_dir, document_root=document_root, creds=creds)
+    # the login and token reach the server through its environment (LABEL_STUDIO_USERNAME, _PASSWORD,
+    # _USER_TOKEN: server_env), never on its command line, which every user of the machine can read in `ps`
     command = [str(Path(sys.executable).with_name("label-studio")), "start", "--no-browser",
-               "--internal-host", "127.0.0.1", "--port", str(port), "--host", url,
-               # "--opt=value": a generated password may begin with "-", which argparse would take for an option
-               f"--username={creds['username']}", f"--password={creds['password']}",
-               f"--user-token={creds['token']}", "--enable-legacy-api-token"]
+               "--internal-host", "127.0.0.1", "--port", str(port), "--host", url, "--enable-legacy-api-token"]
     ready = (lambda: _api_ok(url, creds["token"])) if wait else (lambda: True)
     try:
         service = start_service(ws, name, command, port=port, env=env, ready=ready, timeout=timeout,

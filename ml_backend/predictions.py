@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -158,6 +159,21 @@ def unit_of_region(result: dict) -> int | None:
 ROI_CONTROLS = ("roi", "roi_box")  # the ROI brush (API, submitted annotations) and the UI's smart rectangle
 
 
+def check_results(results: Any, where: str) -> list[dict]:
+    """``results`` as Label Studio sends them (a list of region objects, each ``value`` an object), else one
+    :class:`RequestError` naming the first item that is not."""
+    if results is None:
+        return []
+    if not isinstance(results, list):
+        raise RequestError(f"{where} is not a list of regions", code="bad_result")
+    for i, r in enumerate(results):
+        if not isinstance(r, dict):
+            raise RequestError(f"{where}: item {i} is a {type(r).__name__}, not a region object", code="bad_result")
+        if not isinstance(r.get("value", {}), dict):
+            raise RequestError(f"{where}: the value of item {i} is not an object", code="bad_result")
+    return results
+
+
 def roi_regions(results: Sequence[dict] | None) -> list[dict]:
     """The ROI regions among ``results`` (the interactive context, or a submitted annotation): brush
     regions of ``roi`` and rectangles of ``roi_box``."""
@@ -279,5 +295,5 @@ def as_request_error(error: Exception) -> RequestError:
 
 
 __all__ = ["RequestError", "rectangle", "brush", "see_through", "SEE_THROUGH_ALPHA", "choice", "text_area",
-           "assessment", "unit_text", "unit_region_id", "unit_of_region", "ROI_CONTROLS", "ECHO_PREFIX", "roi_regions",
+           "assessment", "check_results", "unit_text", "unit_region_id", "unit_of_region", "ROI_CONTROLS", "ECHO_PREFIX", "roi_regions",
            "asked_rois", "echo_rois", "roi_mask", "as_request_error", "region_id"]

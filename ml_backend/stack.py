@@ -52,7 +52,7 @@ def resolve_server(ws: Workspace, *, url: str | None = None, token: str | None =
         if not token:
             from workspace.base.errors import MammoError
 
-            raise MammoError("an existing Label Studio needs its API token (--labelstudio-token)")
+            raise MammoError("an existing Label Studio needs its API token (LABEL_STUDIO_API_KEY or --labelstudio-token-file)")
         return external_server(url, token, document_root=Path(root) if root else ws.root)
     return launch(ws, port=_port(port, PREFERRED_LS_PORT))
 

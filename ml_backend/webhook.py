@@ -113,9 +113,9 @@ def handle_event(backend: Backend, payload: dict) -> dict:
     task = payload.get("task")
     if not isinstance(annotation, dict) or not isinstance(task, dict):
         raise RequestError(f"a {action} event carries \"annotation\" and \"task\" objects", code="bad_event")
-    results = annotation.get("result") or []
-    if not isinstance(results, list):
-        raise RequestError("the annotation's result is not a list", code="bad_event")
+    results = pr.check_results(annotation.get("result") or [], "the annotation's result")
+    if not isinstance(task.get("data") or {}, dict):
+        raise RequestError("the task's data is not an object", code="bad_event")
     info = _config_info(payload, task)
     reader = reader_of(annotation, backend)
     answers = submitted(results)

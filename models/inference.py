@@ -172,8 +172,9 @@ def score_grid(loaded: LoadedModel, pixels: np.ndarray, boxes: np.ndarray, *, ke
 
 def read_mammogram(ws: Workspace, image_id: str, loaded: LoadedModel, *, stride: int | None = None,
                    keep_maps: bool = True, min_tissue: float = DEFAULT_MIN_TISSUE,
-                   batch_size: int = DEFAULT_BATCH, db: Any = None) -> MammogramRead:
-    """Read one catalog image (cached per image and model; a second call only loads the cache)."""
+                   batch_size: int = DEFAULT_BATCH, db: Any = None, record: bool = True) -> MammogramRead:
+    """Read one catalog image (cached per image and model; a second call only loads the cache).
+    ``record=False`` leaves the catalog to the caller (:func:`record_read`; a Ray worker's driver)."""
     started = time.perf_counter()
     db = db if db is not None else open_catalog(ws)
     row = get_image(db, image_id)  # CatalogError for an unknown id
@@ -214,15 +215,21 @@ def read_mammogram(ws: Workspace, image_id: str, loaded: LoadedModel, *, stride:
                          shape=(rows, cols), size=size, stride=stride, boxes=boxes, scores=scores, maps=maps,
                          operating_point=loaded.operating_point, cache_path=npz_path, cached=False,
                          seconds=time.perf_counter() - started, domain=domain)
+    if record:
+        record_read(ws, db, read, loaded, meta["created_at"])
+    return read
+
+
+def record_read(ws: Workspace, db: Any, read: MammogramRead, loaded: LoadedModel, created_at: str | None = None) -> None:
+    """The catalog's row of a fresh read (``image_reads``), its model registered."""
     register_model(db, loaded)
     db["image_reads"].upsert({
-        "image_id": image_id, "model_digest": loaded.digest, "score": read.image_score,
-        "n_patches": int(len(boxes)), "n_suspicious": int(len(read.suspicious)),
+        "image_id": read.image_id, "model_digest": loaded.digest, "score": read.image_score,
+        "n_patches": int(len(read.boxes)), "n_suspicious": int(len(read.suspicious)),
         "operating_point": read.operating_point,
-        "cache_path": stored_path(ws, npz_path),
-        "created_at": meta["created_at"],
+        "cache_path": stored_path(ws, read.cache_path),
+        "created_at": created_at or utc_now(),
     }, pk=("image_id", "model_digest"))
-    return read
 
 
 @dataclass
@@ -243,5 +250,5 @@ def read_many(ws: Workspace, image_ids: list[str], loaded: LoadedModel, **option
     return ReadSummary(reads=reads, errors=errors)
 
 
-__all__ = ["MammogramRead", "ReadSummary", "score_grid", "read_mammogram",
+__all__ = ["MammogramRead", "ReadSummary", "score_grid", "read_mammogram", "record_read",
            "read_many"]

@@ -20,18 +20,24 @@ pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
 MAMMO = str(Path(sys.executable).with_name("mammo"))
 
 
-def mammo(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def mammo(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([MAMMO, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "MAMMO_QUIET": "1"})
+                          env={**os.environ, "MAMMO_QUIET": "1", **(env or {})})
 
 
 def test_up_provisions_prints_login_and_stops_on_ctrl_c(labelstudio_server, ls_pipeline, tmp_path_factory):
     server, ws = labelstudio_server, ls_pipeline.ws
-    done = mammo("ls", "connect", server.url, "--token", server.token, "--workspace", str(ws.root),
-                 "--document-root", str(server.document_root))
+    # the token comes from the environment (LABEL_STUDIO_API_KEY) or a file, never from a flag `ps` would show
+    done = mammo("ls", "connect", server.url, "--workspace", str(ws.root), "--document-root", str(server.document_root),
+                 env={"LABEL_STUDIO_API_KEY": server.token})
     assert done.returncode == 0, done.stderr
-    bad = mammo("ls", "connect", server.url, "--token", "wrong", "--workspace", str(ws.root))
+    token_file = tmp_path_factory.mktemp("secret") / "token"
+    token_file.write_text("wrong\n")
+    bad = mammo("ls", "connect", server.url, "--token-file", str(token_file), "--workspace", str(ws.root))
     assert bad.returncode == 1 and "does not accept the token" in bad.stderr
+    none = mammo("ls", "connect", server.url, "--workspace", str(ws.root), env={"LABEL_STUDIO_API_KEY": ""})
+    assert none.returncode == 1 and "LABEL_STUDIO_API_KEY" in none.stderr
+    assert mammo("ls", "connect", server.url, "--token", server.token).returncode == 2  # no such flag
 
     process = subprocess.Popen([MAMMO, "up", "--workspace", str(ws.root), "--no-fiftyone"], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env={**os.environ, "MAMMO_QUIET": "1"})

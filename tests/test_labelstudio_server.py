@@ -44,6 +44,10 @@ def test_server_runs_inside_its_folder_with_telemetry_off(labelstudio_server):
         assert Path(env[key]).is_relative_to(data_dir), key
     assert env["SENTRY_DSN"] == "" and env["FRONTEND_SENTRY_DSN"] == ""
     assert env["COLLECT_ANALYTICS"] == "false" and env["LATEST_VERSION_CHECK"] == "false"
+    # the reader's password and token are in the server's environment, not on its command line (`ps` shows that)
+    command_line = Path(f"/proc/{server.service.pid}/cmdline").read_bytes().decode()
+    assert server.password not in command_line and server.token not in command_line
+    assert env["LABEL_STUDIO_PASSWORD"] == server.password and env["LABEL_STUDIO_USER_TOKEN"] == server.token
     whoami = requests.get(f"{server.url}/api/current-user/whoami",
                           headers={"Authorization": f"Token {server.token}"}, timeout=30)
     assert whoami.status_code == 200 and whoami.json()["email"] == server.username

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,6 +190,25 @@ def test_bad_requests_get_clear_errors_and_the_service_stays_up(ls_backend, worl
         assert body["error"][:40] in response.reason  # Label Studio shows the reason phrase to the reader
     not_json = requests.post(f"{ls_backend.url}/predict", data=b"{nope", timeout=10)
     assert not_json.status_code == 400 and not_json.json()["code"] == "bad_json"
+    # shapes Label Studio never sends: result items that are not objects, values that are not objects, a body
+    # nested past Python's recursion limit, one nested past any Label Studio request
+    event = {"action": "ANNOTATION_CREATED", "task": screening_task(world["image_id"]),
+             "annotation": {"id": 9, "result": [1, "x"]}}
+    weird = [("/webhook", event, "bad_result"),
+             ("/webhook", {**event, "annotation": {"id": 9, "result": [{"from_name": "roi", "value": [1]}]}},
+              "bad_result"),
+             ("/webhook", {**event, "task": {"id": 1, "data": "image"}}, "bad_event"),
+             ("/predict", {"tasks": ["task"], "label_config": lc.SCREENING_CONFIG}, "bad_task"),
+             ("/predict", {"tasks": [screening_task(world["image_id"])], "label_config": lc.SCREENING_CONFIG,
+                           "params": {"context": {"result": [None]}}}, "bad_result")]
+    for path, payload, code in weird:
+        response = post(ls_backend, path, payload)
+        assert (response.status_code, response.json()["code"]) == (400, code), response.text
+    for depth in (100_000, 200):
+        deep = b'{"tasks": ' + b"[" * depth + b"]" * depth + b"}"
+        for path in ("/predict", "/webhook"):
+            response = requests.post(f"{ls_backend.url}{path}", data=deep, timeout=30)
+            assert response.status_code == 400 and "nested more than" in response.json()["error"]
     assert requests.get(f"{ls_backend.url}/nowhere", timeout=10).status_code == 404
     # a batch with one bad task: the good one is answered, the bad one carries its error
     batch = post(ls_backend, "/predict", {"tasks": [screening_task(world["image_id"]), screening_task("I-nope", 2)],
@@ -198,19 +218,37 @@ def test_bad_requests_get_clear_errors_and_the_service_stays_up(ls_backend, worl
     assert requests.get(f"{ls_backend.url}/health", timeout=5).json()["status"] == "UP"
 
 
-def test_basic_auth_when_asked_and_required_beyond_localhost(ls_pipeline):
+def test_basic_auth_when_asked_and_required_beyond_localhost(ls_pipeline, monkeypatch, tmp_path):
+    from ml_backend import settings
     from ml_backend.serve import check_binding, start_backend
     from workspace.base.errors import MammoError
 
     with pytest.raises(MammoError, match="login"):
         check_binding("0.0.0.0", None)
     check_binding("0.0.0.0", ("reader", "secret"))
-    service = start_backend(ls_pipeline.ws, auth=("reader", "s3cret"), run_id=ls_pipeline.run.run_id,
-                            name="ml_backend_auth")
+    # the names Label Studio's ML backends use; the password from a file, as secrets are mounted
+    password = tmp_path / "pass"
+    password.write_text("s3cret\n")
+    for name in ("MAMMO_BACKEND_USER", "MAMMO_BACKEND_PASSWORD", "BASIC_AUTH_PASS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("BASIC_AUTH_USER", "reader")
+    monkeypatch.setenv("BASIC_AUTH_PASS_FILE", str(password))
+    monkeypatch.setenv("THREADS", "3")
+    monkeypatch.setenv("LOG_LEVEL", "warning")
+    monkeypatch.setenv("LABEL_STUDIO_URL", "http://127.0.0.1:1/")
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "abc")
+    assert settings.auth() == ("reader", "s3cret") and settings.labelstudio() == ("http://127.0.0.1:1", "abc")
+    service = start_backend(ls_pipeline.ws, run_id=ls_pipeline.run.run_id, name="ml_backend_auth")
     try:
         assert requests.get(f"{service.url}/health", timeout=10).status_code == 401
         assert requests.get(f"{service.url}/health", auth=("reader", "wrong"), timeout=10).status_code == 401
         assert requests.get(f"{service.url}/health", auth=("reader", "s3cret"), timeout=10).json()["status"] == "UP"
+        command = Path(f"/proc/{service.pid}/cmdline").read_bytes().decode().split("\0")
+        assert "s3cret" not in " ".join(command)
+        assert command[command.index("--threads") + 1] == "3" and command[command.index("--log-level") + 1] == "warning"
     finally:
         service.stop()
+    monkeypatch.setenv("THREADS", "many")
+    with pytest.raises(MammoError, match="THREADS='many'"):
+        start_backend(ls_pipeline.ws, run_id=ls_pipeline.run.run_id, name="ml_backend_auth")
     assert not service.alive()

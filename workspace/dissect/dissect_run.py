@@ -412,12 +412,30 @@ def list_runs(ws: Workspace) -> list[dict[str, Any]]:
     return [dict(r) for r in open_catalog(ws).query("SELECT * FROM dissection_runs ORDER BY created_at")]
 
 
-def execute_run(ws: Workspace, source: ActivationSource, *, quantile: float = DEFAULT_QUANTILE,
+@dataclass
+class PreparedRun:
+    """A run about to be computed: its configuration and id, its catalog row and folders, the statistics
+    sized from the first batch (resumed from the last checkpoint when there is one)."""
+
+    run_id: str
+    config: dict[str, Any]
+    row: dict[str, Any]
+    partial: Path
+    final: Path
+    stats: DissectionStats
+    first: torch.Tensor | None    # the first batch's activations (the single pass uses them)
+    position: int                 # patches the statistics already hold (a resumed run)
+    created_at: str
+    started: float
+    forward_s: float
+
+
+def prepare_run(ws: Workspace, source: ActivationSource, *, quantile: float = DEFAULT_QUANTILE,
                 top_k: int = DEFAULT_TOP_K, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
-                checkpoint_every_s: float = CHECKPOINT_EVERY_S, device: torch.device | str | None = None,
-                sketch_capacity: int | None = None) -> DissectionRun:
-    """Run (or resume, or find) the dissection of ``source`` and return the finished run.
-    ``sketch_capacity`` forces the quantile sketch (else: exact when it fits ``memory_budget_mb``)."""
+                device: torch.device | str | None = None,
+                sketch_capacity: int | None = None) -> PreparedRun | DissectionRun:
+    """Check the request, size the statistics from the first batch and name the run: the finished
+    :class:`DissectionRun` when it exists, else a :class:`PreparedRun` (recorded as ``running``)."""
     if not 0.0 < quantile < 1.0:
         raise DissectionError(f"--quantile must be strictly between 0 and 1, got {quantile}")
     if top_k < 1:
@@ -433,10 +451,8 @@ def execute_run(ws: Workspace, source: ActivationSource, *, quantile: float = DE
     bs = max(1, int(source.batch_size))
 
     started = time.perf_counter()
-    forward_s = stats_s = 0.0
-    t = time.perf_counter()
     first = source.activations(0, min(bs, n))
-    forward_s += time.perf_counter() - t
+    forward_s = time.perf_counter() - started
     stats = DissectionStats.for_batch(first, n, quantile=quantile, top_k=top_k,
                                       memory_budget_mb=memory_budget_mb, device=device,
                                       sketch_capacity=sketch_capacity)
@@ -459,19 +475,37 @@ def execute_run(ws: Workspace, source: ActivationSource, *, quantile: float = DE
 
     partial.mkdir(parents=True, exist_ok=True)
     state_path = partial / "state.pt"
-    position, resumed_from = 0, 0
+    position = 0
     created_at = utc_now()
     if state_path.is_file():
         saved = torch.load(state_path, map_location="cpu", weights_only=True)
         if saved.get("config") == config:
             stats = DissectionStats.from_state_dict(saved["stats"], stats.device)
-            position = resumed_from = int(saved["position"])
+            position = int(saved["position"])
             created_at = saved.get("created_at", created_at)
     _record(ws, {**row, "status": "running", "manifest": None, "created_at": created_at, "finished_at": None})
+    return PreparedRun(run_id, config, row, partial, final, stats, first, position, created_at, started, forward_s)
+
+
+def execute_run(ws: Workspace, source: ActivationSource, *, quantile: float = DEFAULT_QUANTILE,
+                top_k: int = DEFAULT_TOP_K, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+                checkpoint_every_s: float = CHECKPOINT_EVERY_S, device: torch.device | str | None = None,
+                sketch_capacity: int | None = None) -> DissectionRun:
+    """Run (or resume, or find) the dissection of ``source`` in one pass here and return the finished run.
+    ``sketch_capacity`` forces the quantile sketch (else: exact when it fits ``memory_budget_mb``)."""
+    prepared = prepare_run(ws, source, quantile=quantile, top_k=top_k, memory_budget_mb=memory_budget_mb,
+                           device=device, sketch_capacity=sketch_capacity)
+    if isinstance(prepared, DissectionRun):
+        return prepared
+    ids = np.asarray(source.patch_ids, dtype=np.int64)
+    n, bs = int(ids.size), max(1, int(source.batch_size))
+    stats, position, first = prepared.stats, prepared.position, prepared.first
+    resumed_from, forward_s, stats_s = position, prepared.forward_s, 0.0
+    state_path = prepared.partial / "state.pt"
 
     def checkpoint(pos: int) -> None:
-        tmp = partial / "state.pt.tmp"
-        torch.save({"config": config, "position": pos, "created_at": created_at,
+        tmp = prepared.partial / "state.pt.tmp"
+        torch.save({"config": prepared.config, "position": pos, "created_at": prepared.created_at,
                     "stats": stats.state_dict()}, tmp)
         _fsync_file(tmp)
         os.replace(tmp, state_path)
@@ -499,7 +533,16 @@ def execute_run(ws: Workspace, source: ActivationSource, *, quantile: float = DE
                 last_checkpoint = time.perf_counter()
     finally:
         bar.close()
+    return finish_run(ws, source, prepared, stats, timing={"forward_s": forward_s, "statistics_s": stats_s,
+                                                           "resumed_from_patch": resumed_from})
 
+
+def finish_run(ws: Workspace, source: ActivationSource, prepared: PreparedRun, stats: DissectionStats, *,
+               timing: dict[str, Any], execution: dict[str, Any] | None = None) -> DissectionRun:
+    """Write the statistics of all of ``source``'s patches as the finished run folder (the atomic rename
+    of the module docstring) and record it; ``execution`` says how it was computed (default: one pass)."""
+    ids = np.asarray(source.patch_ids, dtype=np.int64)
+    n, partial, final = int(ids.size), prepared.partial, prepared.final
     t = time.perf_counter()
     results = stats.results()
     finish_s = time.perf_counter() - t
@@ -509,34 +552,39 @@ def execute_run(ws: Workspace, source: ActivationSource, *, quantile: float = DE
         np.save(partial / f"{name}.npy", results[name])
     finished_at = utc_now()
     manifest = {
-        "run_id": run_id, **source.identity,
-        "quantile": float(quantile), "top_k": int(top_k),
+        "run_id": prepared.run_id, **source.identity,
+        "quantile": stats.quantile, "top_k": stats.k,
         "n_units": stats.n_units, "n_patches": n, "map_shape": list(stats.map_shape),
         "thresholds": stats.quantile_report(),
         "align_corners": ALIGN_CORNERS, "mask_rule": f"upsampled map {MASK_RULE} threshold",
         "pca": {"components": 2, "explained_variance": results["explained_variance"].tolist(),
                 "explained_variance_ratio": results["explained_variance_ratio"].tolist()},
-        "timing": {"elapsed_s": round(time.perf_counter() - started, 3), "forward_s": round(forward_s, 3),
-                   "statistics_s": round(stats_s, 3), "finish_s": round(finish_s, 3),
-                   "resumed_from_patch": resumed_from},
+        "timing": {"elapsed_s": round(time.perf_counter() - prepared.started, 3),
+                   "forward_s": round(float(timing.get("forward_s", 0.0)), 3),
+                   "statistics_s": round(float(timing.get("statistics_s", 0.0)), 3), "finish_s": round(finish_s, 3),
+                   "resumed_from_patch": int(timing.get("resumed_from_patch", 0))},
+        "execution": execution or {"mode": "single pass"},
         "arrays": {name: f"{name}.npy" for name in ARRAYS},
         "source": source.extra,
         "versions": {"mammo_dissect": __version__, "torch": torch.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
-        "created_at": created_at, "finished_at": finished_at,
+        "created_at": prepared.created_at, "finished_at": finished_at,
     }
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=2, default=json_default))
-    state_path.unlink(missing_ok=True)
-    for item in partial.iterdir():
-        _fsync_file(item)
+    (partial / "state.pt").unlink(missing_ok=True)
+    for item in list(partial.iterdir()):
+        if item.is_dir():      # working folders of a sharded run (its shards' statistics, merged above)
+            shutil.rmtree(item)
+        else:
+            _fsync_file(item)
     _fsync_dir(partial)
     if final.exists():        # a stale folder without a manifest (cannot happen through this code)
         shutil.rmtree(final)
     os.rename(partial, final)
     _fsync_dir(ws.runs_dir)
-    _record(ws, {**row, "status": "complete", "manifest": json.dumps(manifest, default=json_default),
-                 "created_at": created_at, "finished_at": finished_at})
-    return load_run(ws, run_id)
+    _record(ws, {**prepared.row, "status": "complete", "manifest": json.dumps(manifest, default=json_default),
+                 "created_at": prepared.created_at, "finished_at": finished_at})
+    return load_run(ws, prepared.run_id)
 
 
 def run_dissection(ws: Workspace, loaded: Any, *, patch_set: str = "default", split: str | None = "test",
@@ -559,5 +607,6 @@ def run_dissection(ws: Workspace, loaded: Any, *, patch_set: str = "default", sp
 
 
 __all__ = ["DEFAULT_MEMORY_BUDGET_MB", "DissectionError", "DissectionStats", "DissectionRun", "ActivationSource",
-           "plan_quantile", "dissect_batches", "model_source", "execute_run", "run_dissection", "load_run",
+           "PreparedRun", "plan_quantile", "dissect_batches", "model_source", "prepare_run", "execute_run",
+           "finish_run", "run_dissection", "load_run",
            "latest_run", "run_or_newest", "list_runs", "make_run_id"]

@@ -32,6 +32,24 @@ def load_model(ws: Any, args: argparse.Namespace) -> Any:
                            trust=args.trust, meta=class_options(args.class_names, args.positive_class) or None)
 
 
+def add_ray_options(p: argparse.ArgumentParser, *, shards: bool = True) -> None:
+    """``--ray [ADDRESS]``, ``--workers``, ``--worker-workspace`` (and ``--shards``): the work on a Ray cluster."""
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run on a Ray cluster: alone, a local one started here; 'auto' or HOST:PORT joins one "
+                        "(needs pip install 'mammo-dissect[ray]')")
+    p.add_argument("--workers", type=int, help="with --ray: Ray actors (default one per GPU, else one per CPU)")
+    if shards:
+        p.add_argument("--shards", type=int, help="with --ray: shards of the work (default from the memory budget, "
+                                                  "at least one per worker)")
+    p.add_argument("--worker-workspace", metavar="PATH",
+                   help="with --ray: the workspace's path as the workers see it (default: the same path)")
+
+
+def ray_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keywords of :mod:`workspace.dissect.cluster`'s entry points from :func:`add_ray_options`."""
+    return {"address": args.ray or None, "workers": args.workers, "worker_root": args.worker_workspace}
+
+
 def given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
     """The options among ``names`` the user gave (not None), as keywords: the library keeps the defaults,
     so ``mammo --help`` need not import the modules that define them."""

@@ -3,13 +3,17 @@
 Writes an immutable run folder ``WORKSPACE/runs/<run_id>/`` (max-activation matrix, top-k patches per
 unit, per-unit thresholds, PCA embedding, manifest) and records it in the catalog. The same request
 again finds the finished run; a run that was interrupted resumes from its last checkpoint.
+
+With ``--ray`` the patches are dissected in shards on a Ray cluster (``--ray`` alone starts a local one,
+``--ray auto`` or ``--ray HOST:PORT`` joins one) and merged into the same run, bit for bit
+(``workspace.dissect.cluster``); the workspace must be on storage every node mounts.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from workspace.app.commands import add_model_options, given, load_model
+from workspace.app.commands import add_model_options, add_ray_options, given, load_model, ray_options
 
 ORDER = 45
 
@@ -20,8 +24,15 @@ def _run(args: argparse.Namespace) -> int:
 
     ws = Workspace.open(args.workspace)
     loaded = load_model(ws, args)
-    run = run_dissection(ws, loaded, patch_set=args.patch_set, split=None if args.split == "all" else args.split,
-                         layer=args.layer, **given(args, "quantile", "top_k", "memory_budget_mb", "batch_size"))
+    split = None if args.split == "all" else args.split
+    options = given(args, "quantile", "top_k", "memory_budget_mb", "batch_size")
+    if args.ray is not None:
+        from workspace.dissect.cluster import dissect_on_ray
+
+        run = dissect_on_ray(ws, loaded, patch_set=args.patch_set, split=split, layer=args.layer,
+                             **ray_options(args), shards=args.shards, **options)
+    else:
+        run = run_dissection(ws, loaded, patch_set=args.patch_set, split=split, layer=args.layer, **options)
     m = run.manifest
     th = m["thresholds"]
     method = th["method"]
@@ -39,6 +50,10 @@ def _run(args: argparse.Namespace) -> int:
     timing = m["timing"]
     print(f"time {timing['elapsed_s']:.1f} s (forward {timing['forward_s']:.1f} s, statistics "
           f"{timing['statistics_s']:.1f} s)")
+    execution = m.get("execution") or {}
+    if execution.get("mode") == "ray":
+        print(f"on Ray ({execution['address']}): {execution['workers']} workers, {execution['shards']} shards"
+              + (f", {execution['shards_resumed']} resumed" if execution.get("shards_resumed") else ""))
     return 0
 
 
@@ -57,4 +72,5 @@ def add_parser(subparsers, parents) -> None:
                    help="exact thresholds while their buffer fits this budget, else a sketch with a stated "
                         "rank error (default 1024)")
     p.add_argument("--batch-size", type=int, help="patches per forward pass (default 8)")
+    add_ray_options(p)
     p.set_defaults(func=_run)

@@ -5,7 +5,7 @@
 - ``provision``: make or update the projects ("Screening reads", "Patch review") on the server that
   ``mammo up`` / ``mammo ls up`` is running (or the one saved with ``connect``), idempotently.
 - ``status``: the services, projects and annotations received.
-- ``connect URL --token T``: use an existing Label Studio (e.g. a team's, on PostgreSQL) instead of
+- ``connect URL [--token-file F]`` (token from the file or ``LABEL_STUDIO_API_KEY``): use an existing Label Studio (e.g. a team's, on PostgreSQL) instead of
   starting one; ``--document-root`` is that server's LOCAL_FILES_DOCUMENT_ROOT (the workspace must be
   under it).
 """
@@ -45,7 +45,7 @@ def _running_server(ws):
     service = recorded_services(ws).get("labelstudio")
     if service is None or not service.alive():
         raise MammoError("no Label Studio is running for this workspace: start one with `mammo up` "
-                         "(or `mammo ls connect URL --token T` for an existing one)")
+                         "(or `mammo ls connect URL` with LABEL_STUDIO_API_KEY set, for an existing one)")
     creds = credentials(ws)
     return LabelStudioServer(url=service.url, token=creds["token"], username=creds["username"],
                              password=creds["password"], document_root=ws.root)
@@ -98,11 +98,17 @@ def _status(args: argparse.Namespace) -> int:
 
 def _connect(args: argparse.Namespace) -> int:
     from ml_backend.labelstudio import external_server, save_external
+    from workspace.app.commands.up import labelstudio_token
     from workspace.base.config import Workspace
+    from workspace.base.errors import MammoError
 
+    token = labelstudio_token(args, "token_file")
+    if not token:
+        raise MammoError("give the API token in a file (--token-file F) or in LABEL_STUDIO_API_KEY: a token on the "
+                         "command line would show in `ps`")
     ws = Workspace.open(args.workspace)
-    server = external_server(args.url, args.token)
-    path = save_external(ws, server.url, args.token, args.document_root)
+    server = external_server(args.url, token)
+    path = save_external(ws, server.url, token, args.document_root)
     print(f"this workspace now uses the Label Studio at {server.url} (saved in {path})")
     return 0
 
@@ -122,6 +128,7 @@ def add_parser(subparsers, parents) -> None:
     status.set_defaults(func=_status)
     connect = sub.add_parser("connect", parents=parents, help="use an existing Label Studio (URL + token)")
     connect.add_argument("url")
-    connect.add_argument("--token", required=True)
+    connect.add_argument("--token-file", metavar="FILE",
+                         help="a file holding the API token (or LABEL_STUDIO_API_KEY, LABEL_STUDIO_API_KEY_FILE)")
     connect.add_argument("--document-root", help="that server's LOCAL_FILES_DOCUMENT_ROOT")
     connect.set_defaults(func=_connect)

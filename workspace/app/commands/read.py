@@ -1,14 +1,15 @@
 """``mammo read IMAGE_ID ... | --all``: read whole mammograms with a model (patch scores, suspicious patches).
 
 Each read is cached per image and model in ``WORKSPACE/cache/reads`` and recorded in the catalog, so
-reading again costs nothing. A bad image is reported and the others go on.
+reading again costs nothing. A bad image is reported and the others go on. ``--ray`` reads on a Ray
+cluster (``workspace.dissect.cluster``).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from workspace.app.commands import add_model_options, load_model
+from workspace.app.commands import add_model_options, add_ray_options, load_model, ray_options
 
 ORDER = 42
 
@@ -27,7 +28,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.all:
         sql = "SELECT image_id FROM images" + (" WHERE dataset = ?" if args.dataset else "") + " ORDER BY image_id"
         ids += [r["image_id"] for r in open_catalog(ws).query(sql, [args.dataset] if args.dataset else [])]
-    summary = read_many(ws, ids, loaded, stride=args.stride, keep_maps=not args.no_maps)
+    if args.ray is not None:
+        from workspace.dissect.cluster import read_many_on_ray
+
+        summary = read_many_on_ray(ws, ids, loaded, **ray_options(args), stride=args.stride,
+                                   keep_maps=not args.no_maps)
+    else:
+        summary = read_many(ws, ids, loaded, stride=args.stride, keep_maps=not args.no_maps)
     print(f"model {loaded.architecture} {loaded.digest}, operating point {loaded.operating_point:.4f}")
     print(loaded.card.summary())
     outside = 0
@@ -57,4 +64,5 @@ def add_parser(subparsers, parents) -> None:
     add_model_options(p)
     p.add_argument("--stride", type=int, help="patch stride in pixels (default: the patch size, no overlap)")
     p.add_argument("--no-maps", action="store_true", help="do not keep the dissected layer's maps")
+    add_ray_options(p, shards=False)
     p.set_defaults(func=_run)

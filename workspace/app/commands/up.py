@@ -6,7 +6,8 @@ reuses it), provisions the projects, then the FiftyOne App when the FiftyOne sid
 prints the URLs and the login. Ctrl-C stops every process it started, by PID.
 
 An existing Label Studio (a team's, on PostgreSQL...) is used instead of starting one when given
-with ``--labelstudio-url/--labelstudio-token`` or saved with ``mammo ls connect``.
+with ``--labelstudio-url`` (token in ``LABEL_STUDIO_API_KEY`` or ``--labelstudio-token-file``) or saved with
+``mammo ls connect``.
 """
 
 from __future__ import annotations
@@ -61,8 +62,11 @@ def add_parser(subparsers, parents) -> None:
 
 def add_backend_options(p: argparse.ArgumentParser) -> None:
     """How Label Studio reaches the backend: its basic-auth login and URL (see :func:`backend_auth`)."""
-    p.add_argument("--backend-user", help="basic-auth user of the backend (required when it binds beyond 127.0.0.1)")
-    p.add_argument("--backend-password", help="basic-auth password of the backend")
+    p.add_argument("--backend-user", help="basic-auth user of the backend (required when it binds beyond 127.0.0.1; "
+                                          "or BASIC_AUTH_USER)")
+    p.add_argument("--backend-password-file", metavar="FILE",
+                   help="a file whose first line is the backend's basic-auth password (or BASIC_AUTH_PASS, "
+                        "BASIC_AUTH_PASS_FILE): no password flag, since `ps` shows every process's arguments")
     p.add_argument("--backend-url", help="the backend's URL as Label Studio reaches it (default: where it runs)")
 
 
@@ -71,19 +75,47 @@ def add_service_options(p: argparse.ArgumentParser, *, fiftyone: bool = True) ->
     :func:`stack_options` turns them into ``bring_up`` keywords."""
     p.add_argument("--port", type=int, help="Label Studio port (default 8080 when free)")
     p.add_argument("--backend-host", default="127.0.0.1",
-                   help="address the backend binds (beyond 127.0.0.1 it needs --backend-user/--backend-password)")
+                   help="address the backend binds (beyond 127.0.0.1 it needs a login: BASIC_AUTH_USER/BASIC_AUTH_PASS)")
     p.add_argument("--backend-port", type=int, help="backend port (default 9090 when free)")
     add_backend_options(p)
     p.add_argument("--labelstudio-url", help="use this existing Label Studio instead of starting one")
-    p.add_argument("--labelstudio-token", help="its API token")
+    p.add_argument("--labelstudio-token-file", metavar="FILE",
+                   help="a file holding its API token (or LABEL_STUDIO_API_KEY, LABEL_STUDIO_API_KEY_FILE)")
     if fiftyone:
         p.add_argument("--no-fiftyone", action="store_true", help="do not start the FiftyOne App")
 
 
+def read_secret(path: str | None) -> str | None:
+    """The first line of a secret's file (None for no file); one clear error when it cannot be read."""
+    from pathlib import Path
+
+    from workspace.base.errors import MammoError
+
+    if not path:
+        return None
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as error:
+        raise MammoError(f"cannot read the secret file {path}: {error.strerror}") from None
+    if not lines or not lines[0].strip():
+        raise MammoError(f"the secret file {path} is empty")
+    return lines[0].strip()
+
+
 def backend_auth(args: argparse.Namespace | None) -> tuple[str, str] | None:
-    """(user, password) when both were given, else None."""
-    user, password = getattr(args, "backend_user", None), getattr(args, "backend_password", None)
+    """(user, password) of the backend from the options or the environment (``ml_backend.settings``), else None."""
+    from ml_backend import settings
+
+    user = getattr(args, "backend_user", None) or settings.setting(settings.AUTH_USER)
+    password = read_secret(getattr(args, "backend_password_file", None)) or settings.secret(settings.AUTH_PASSWORD)
     return (user, password) if user and password else None
+
+
+def labelstudio_token(args: argparse.Namespace | None, option: str = "labelstudio_token_file") -> str | None:
+    """An existing Label Studio's API token: from the option's file, else ``LABEL_STUDIO_API_KEY[_FILE]``."""
+    from ml_backend import settings
+
+    return read_secret(getattr(args, option, None)) or settings.secret(settings.LABEL_STUDIO_API_KEY)
 
 
 def stack_options(args: argparse.Namespace | None) -> dict:
@@ -91,7 +123,8 @@ def stack_options(args: argparse.Namespace | None) -> dict:
     option, or ``args=None``, keeps ``bring_up``'s default)."""
     if args is None:
         return {}
-    options = {"ls_url": getattr(args, "labelstudio_url", None), "ls_token": getattr(args, "labelstudio_token", None),
+    url = getattr(args, "labelstudio_url", None)
+    options = {"ls_url": url, "ls_token": labelstudio_token(args) if url else None,
                "ls_port": getattr(args, "port", None), "backend_port": getattr(args, "backend_port", None),
                "backend_url": getattr(args, "backend_url", None), "backend_auth": backend_auth(args)}
     if getattr(args, "backend_host", None):
