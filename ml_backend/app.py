@@ -346,14 +346,15 @@ class Backend:
             return self._emails[user_id]
         if self._labelstudio is None:
             return None
-        import urllib.request
+        import httpx
+        from label_studio_sdk.core.api_error import ApiError
+
+        from ml_backend.labelstudio import sdk_client
 
         url, token = self._labelstudio
-        request = urllib.request.Request(f"{url}/api/users/{int(user_id)}", headers={"Authorization": f"Token {token}"})
         try:
-            with urllib.request.urlopen(request, timeout=5) as response:
-                email = json.loads(response.read()).get("email") or None
-        except (OSError, ValueError):
+            email = getattr(sdk_client(url, token, 5.0).users.get(id=int(user_id)), "email", None) or None
+        except (ApiError, httpx.HTTPError, OSError, ValueError):
             return None
         self._emails[user_id] = email
         return email

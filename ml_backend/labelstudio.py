@@ -20,8 +20,6 @@ import os
 import secrets
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,9 +58,16 @@ class LabelStudioServer:
 
     def client(self):
         """A ``label_studio_sdk.LabelStudio`` client for this server."""
-        from label_studio_sdk import LabelStudio
+        return sdk_client(self.url, self.token)
 
-        return LabelStudio(base_url=self.url, api_key=self.token, timeout=120)
+
+def sdk_client(url: str, token: str, timeout: float = 120.0):
+    """A ``label_studio_sdk.LabelStudio`` client: every call to Label Studio goes through one. The SDK sends a
+    legacy API token as ``Token`` and a personal access token (a JWT refresh token, the default in Label Studio
+    1.23 organisations) as a ``Bearer`` access token it refreshes itself."""
+    from label_studio_sdk import LabelStudio
+
+    return LabelStudio(base_url=url, api_key=token, timeout=timeout)
 
 
 def credentials(ws: Workspace) -> dict[str, str]:
@@ -112,13 +117,15 @@ def server_env(ws: Workspace, *, port: int, data_dir: Path, document_root: Path,
 
 
 def _api_ok(url: str, token: str, timeout: float = 3.0) -> bool:
-    """True when the API answers an authenticated request (the server is migrated and the user exists)."""
-    request = urllib.request.Request(f"{url}/api/current-user/whoami",
-                                     headers={"Authorization": f"Token {token}"})
+    """True when the API answers an authenticated request (the server is migrated and the user exists), with
+    a legacy token or a personal access token."""
+    import httpx
+    from label_studio_sdk.core.api_error import ApiError
+
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        sdk_client(url, token, timeout).users.whoami()
+        return True
+    except (ApiError, httpx.HTTPError, OSError, ValueError):  # refused, unreachable, or an expired JWT
         return False
 
 
@@ -173,7 +180,8 @@ def external_server(url: str, token: str, *, document_root: Path | None = None) 
     url = url.rstrip("/")
     if not _api_ok(url, token, timeout=10.0):
         raise LabelStudioError(f"Label Studio at {url} does not accept the token (or does not answer): "
-                               "check the URL and the API token (Account & Settings > Access Token)")
+                               "check the URL and the token (Account & Settings > Personal Access Token, or a "
+                               "legacy API token)")
     return LabelStudioServer(url=url, token=token, document_root=document_root)
 
 
@@ -193,5 +201,5 @@ def saved_external(ws: Workspace) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-__all__ = ["LabelStudioServer", "LabelStudioError", "credentials", "server_env", "launch", "wait_ready",
+__all__ = ["LabelStudioServer", "LabelStudioError", "sdk_client", "credentials", "server_env", "launch", "wait_ready",
            "external_server", "save_external", "saved_external"]

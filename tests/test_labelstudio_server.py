@@ -59,6 +59,22 @@ def test_existing_server_is_checked_by_url_and_token(labelstudio_server):
         external_server(labelstudio_server.url, "not-the-token")
 
 
+def test_a_personal_access_token_is_accepted_like_a_legacy_token(labelstudio_server):
+    """Label Studio 1.23 gives users personal access tokens (JWT refresh tokens, sent as Bearer after a
+    refresh); a team's server has them on by default. The SDK client speaks both."""
+    server = labelstudio_server
+    made = requests.post(f"{server.url}/api/token/", headers={"Authorization": f"Token {server.token}"}, timeout=30)
+    assert made.status_code == 201, made.text[:300]
+    pat = made.json()["token"]
+    assert pat.count(".") == 2   # a JWT, not a legacy token
+    refused = requests.get(f"{server.url}/api/current-user/whoami", headers={"Authorization": f"Token {pat}"},
+                           timeout=30)
+    assert refused.status_code == 401   # what the former urllib check sent: refused
+    connected = external_server(server.url, pat)
+    assert connected.client().users.whoami().email == server.username
+    assert [p.title for p in connected.client().projects.list()] == [p.title for p in server.client().projects.list()]
+
+
 def test_local_files_are_served_once_a_storage_covers_them(labelstudio_server, tmp_path):
     server = labelstudio_server
     folder = tmp_path / "derived"

@@ -197,7 +197,8 @@ def test_bad_requests_get_clear_errors_and_the_service_stays_up(ls_backend, worl
     weird = [("/webhook", event, "bad_result"),
              ("/webhook", {**event, "annotation": {"id": 9, "result": [{"from_name": "roi", "value": [1]}]}},
               "bad_result"),
-             ("/webhook", {**event, "task": {"id": 1, "data": "image"}}, "bad_event"),
+             ("/webhook", {**event, "task": {"id": 1, "data": "image"}, "annotation": {"id": 9, "result": []}},
+              "bad_event"),
              ("/predict", {"tasks": ["task"], "label_config": lc.SCREENING_CONFIG}, "bad_task"),
              ("/predict", {"tasks": [screening_task(world["image_id"])], "label_config": lc.SCREENING_CONFIG,
                            "params": {"context": {"result": [None]}}}, "bad_result")]

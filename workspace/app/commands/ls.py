@@ -126,7 +126,9 @@ def add_parser(subparsers, parents) -> None:
     prov.set_defaults(func=_provision)
     status = sub.add_parser("status", parents=parents, help="services, projects and annotations received")
     status.set_defaults(func=_status)
-    connect = sub.add_parser("connect", parents=parents, help="use an existing Label Studio (URL + token)")
+    # no abbreviations: the removed --token must be refused, not taken for --token-file
+    connect = sub.add_parser("connect", parents=parents, help="use an existing Label Studio (URL + token)",
+                             allow_abbrev=False)
     connect.add_argument("url")
     connect.add_argument("--token-file", metavar="FILE",
                          help="a file holding the API token (or LABEL_STUDIO_API_KEY, LABEL_STUDIO_API_KEY_FILE)")
