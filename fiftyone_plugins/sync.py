@@ -155,6 +155,7 @@ def sync_with_summary(ws: Workspace, run: Any, *, prefix: str = DEFAULT_PREFIX, 
             ds.save()
         patches_ds.add_dynamic_sample_fields()   # unit/rank of the masks: filterable in the sidebar
         _patches_look(fo, patches_ds)
+        _neurons_look(fo, neurons_ds)
         written_p, written_n = len(patch_samples), len(neuron_samples)
     changed = refresh_concepts(ws, neurons_ds)
     reads_name, written_r = sync_reads(ws, run, prefix=prefix, loaded=loaded)
@@ -229,6 +230,28 @@ def _patches_look(fo: Any, ds: Any) -> None:
                  "valueColors": [{"value": "lesion", "color": "#d55e00"}, {"value": "normal", "color": "#0072b2"}]},
                 {"path": "prediction", "fieldColor": "#cc79a7"}])
     ds.save()
+
+
+NEURON_MAP_KEY = "neuron_pca"   # the brain run the App's Embeddings panel shows
+WORKSPACE_NAME = "mammo-dissect"
+
+
+def _neurons_look(fo: Any, ds: Any) -> None:
+    """The run's PCA of the units registered as a FiftyOne visualization (so the App's own Embeddings panel
+    draws the neuron map too, coloured by concept, with lasso selection), and the layout saved with the
+    dataset (``save_workspace``), so a curator's own App on a shared database opens the same view."""
+    import fiftyone.brain as fob
+
+    if NEURON_MAP_KEY in ds.list_brain_runs():
+        ds.delete_brain_run(NEURON_MAP_KEY)
+    points = np.asarray(ds.values("pca"), dtype=np.float32)   # in the dataset's sample order
+    fob.compute_visualization(ds, points=points, brain_key=NEURON_MAP_KEY, method="manual", progress=False)
+    layout = fo.Space(children=[fo.Panel(type="Samples", pinned=True),
+                                fo.Panel(type="Embeddings", state={"brainResult": NEURON_MAP_KEY,
+                                                                   "colorByField": "concept.label"})],
+                      orientation="horizontal")
+    ds.save_workspace(WORKSPACE_NAME, layout, description="the neurons' grid beside their PCA map, by concept",
+                      overwrite=True)
 
 
 def _variance_ratio(run: Any) -> list[float]:

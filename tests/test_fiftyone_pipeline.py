@@ -44,3 +44,23 @@ def test_real_run_synced_with_model_scores_and_masks(fo_pipeline, pipeline):
     with Image.open(montage.filepath) as image:
         assert image.width >= 128 * int(np.ceil(np.sqrt(run.top_k.shape[1])))
     assert montage.top_patch_ids == [int(p) for p in run.top_k[unit]]
+
+
+def test_the_neuron_map_is_a_fiftyone_visualization_and_the_layout_is_saved(fo_pipeline):
+    """A curator's own App on the shared database (no launcher of ours) gets the neuron map in FiftyOne's
+    own Embeddings panel and the saved layout from the dataset itself."""
+    import fiftyone as fo
+
+    from fiftyone_plugins.sync import NEURON_MAP_KEY, WORKSPACE_NAME
+
+    neurons = fo.load_dataset(fo_pipeline.neurons.name)   # as another process would open it
+    assert NEURON_MAP_KEY in neurons.list_brain_runs()
+    results = neurons.load_brain_results(NEURON_MAP_KEY)
+    units = np.asarray(neurons.values("unit"))
+    np.testing.assert_allclose(results.points, fo_pipeline.run.pca[units], rtol=1e-6)
+    assert results.sample_ids is None or list(results.sample_ids) == neurons.values("id")
+    assert WORKSPACE_NAME in neurons.list_workspaces()
+    layout = neurons.load_workspace(WORKSPACE_NAME)
+    panels = {child.type: child for child in layout.children}
+    assert set(panels) == {"Samples", "Embeddings"}
+    assert panels["Embeddings"].state["brainResult"] == NEURON_MAP_KEY
