@@ -99,6 +99,7 @@ class Backend:
         self._activations = Lru(64)
         self._warming: set[str] = set()
         self._warmer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm-masks")
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-back")
         self._labelstudio: tuple[str, str] | None = settings.labelstudio()   # /setup overrides it
         self._emails: dict[int, str | None] = {}
 
@@ -301,16 +302,19 @@ class Backend:
                 "ranking": [int(u) for u in answer.ranking], "aligned": [int(u) for u in answer.aligned],
                 "mask": patch_masks.mask, "patch_box": box, "index": index, "answer": answer}
 
-    def interactive(self, task: dict, info: lc.ConfigInfo, context: dict, *, asked_by: str = "labelstudio") -> dict:
-        """The aligned units' masks (top ``top_units``, the most aligned first) and the report."""
+    def interactive(self, task: dict, info: lc.ConfigInfo, context: dict, *, asked_by: str = "labelstudio",
+                    query_id: int | None = None) -> dict:
+        """The aligned units' masks (top ``top_units``, the most aligned first) and the report. The question
+        is recorded, unless ``query_id`` names its record already (the webhook records it)."""
         results = pr.asked_rois(context.get("result") if isinstance(context, dict) else None)
         q = self.query(task, info, results)
         labels = self.labels()
         roi_geometry = encode_roi(q["roi"])
-        query_id = self.store.record_query(
-            self.run.model_digest, self.run.layer, roi=roi_geometry, ranking=q["iou"], aligned=q["aligned"],
-            iou_threshold=self.iou_threshold, asked_by=asked_by, source="labelstudio", image_id=q["image_id"],
-            patch_box=q["patch_box"], run_id=self.run.run_id)
+        if query_id is None:
+            query_id = self.store.record_query(
+                self.run.model_digest, self.run.layer, roi=roi_geometry, ranking=q["iou"], aligned=q["aligned"],
+                iou_threshold=self.iou_threshold, asked_by=asked_by, source="labelstudio", image_id=q["image_id"],
+                patch_box=q["patch_box"], run_id=self.run.run_id)
         aligned = set(q["aligned"])
         shown = [u for u in q["ranking"] if u in aligned][: self.top_units]
         if not shown and q["ranking"]:
@@ -335,6 +339,35 @@ class Backend:
                 "aligned": q["aligned"]}
 
     # -- /webhook ----------------------------------------------------------------------------
+    def write_back(self, task: dict, info: lc.ConfigInfo, regions: list[dict], *, asked_by: str,
+                   query_id: int) -> Any:
+        """Answer brush ROIs of a submitted annotation exactly as a live box is answered, and put the answer on
+        the task as a prediction through the SDK (Label Studio never sends a brush stroke to an interactive
+        backend), so the aligned units and the report are there when the reader reopens the task. The
+        prediction is posted from a background thread (Label Studio may be waiting for this webhook's answer);
+        returns its future, or None when the backend does not know Label Studio's URL and token."""
+        if self._labelstudio is None:
+            return None
+        answer = self.interactive(task, info, {"result": regions}, asked_by=asked_by, query_id=query_id)
+        url, token = self._labelstudio
+
+        def post() -> int:
+            from ml_backend.labelstudio import sdk_client
+
+            prediction = sdk_client(url, token, 60.0).predictions.create(
+                task=int(task["id"]), result=answer["result"], score=answer["score"],
+                model_version=self.model_version)
+            return int(prediction.id)
+
+        def logged(future: Any) -> None:
+            if future.exception() is not None:
+                log.warning("the answer to task %s's brush ROI was not written back: %s", task.get("id"),
+                            future.exception())
+
+        future = self._writer.submit(post)
+        future.add_done_callback(logged)
+        return future
+
     def remember_labelstudio(self, hostname: str | None, token: str | None) -> None:
         """Label Studio's URL and a token, as ``/setup`` sends them (to name readers by email)."""
         if hostname and token:

@@ -6,9 +6,10 @@ Control names are the contract between the configs, the backend's answers and th
   as interactive and Auto-Annotation on, drawing it sends the box to ``/predict`` in
   ``params.context.result``; the backend echoes it back with its answer (Label Studio deletes a smart
   region once its answer is accepted), so it stays in the annotation for the webhook;
-- ``roi``: the ROI as a brush (label ``ROI``), for API clients and submitted annotations. Hidden in the UI:
-  Label Studio 1.23.2 creates brush strokes as non-dynamic regions, so a smart brush never sends the
-  interactive request (checked in headless Chromium, ``tests/test_labelstudio_browser.py``);
+- ``roi``: the ROI as a brush (label ``ROI``): "answered when you Update or Submit". Label Studio 1.23.2
+  creates brush strokes as non-dynamic regions, so a brush never sends the interactive request (checked in
+  headless Chromium, ``tests/test_labelstudio_browser.py``); the webhook answers it and writes the answer
+  back to the task as a prediction;
 - ``units``: the backend's brush regions (aligned units' masks, the most activated unit's map);
 - ``findings``: the suspicious patches as outline-only, read-only rectangles (Screening reads; a drag that
   starts on one with Ctrl held draws the ROI box instead of selecting it);
@@ -56,8 +57,9 @@ ALIGNED_COLOUR = "#00b8ff"
 # The reader's ROI in the UI is a smart RECTANGLE (``roi_box``): Label Studio 1.23.2's frontend creates
 # every brush stroke as a non-dynamic region (``createDrawingRegion(..., dynamic=false)``), so a smart
 # brush never sends the interactive request; a smart rectangle does. ``smartOnly`` leaves only the smart
-# rectangle tool (shown once Auto-Annotation is on). The ``roi`` brush stays for API clients and for
-# submitted annotations; it is not shown (its labels are in a hidden view, so no one paints with it).
+# rectangle tool (shown once Auto-Annotation is on). The ``roi`` brush is the other way: a reader paints the
+# ROI and presses Update or Submit; the webhook answers it as a box is answered and puts the answer on the task
+# as a prediction (``Backend.write_back``), seen when the task is reopened.
 _ROI_PANEL = """
     <Header value="Ask the model about a region" size="5"/>
     <Text name="roi_help" value="{roi_help}"/>
@@ -65,11 +67,10 @@ _ROI_PANEL = """
                      fillOpacity="0.08" showInline="true">
       <Label value="{roi}" background="{roi_colour}"/>
     </RectangleLabels>
-    <View style="display: none">
-      <BrushLabels name="roi" toName="{target}" smart="false" showInline="true">
-        <Label value="{roi}" background="{roi_colour}"/>
-      </BrushLabels>
-    </View>
+    <Header value="{brush_help}" size="6"/>
+    <BrushLabels name="roi" toName="{target}" smart="false" showInline="true">
+      <Label value="{roi}" background="{roi_colour}"/>
+    </BrushLabels>
     <Header value="Report: concepts of the labelled neurons, and the neurons aligned with the ROI" size="6"/>
     <TextArea name="report" toName="{target}" rows="10" editable="false" maxSubmissions="1"
               placeholder="the model's report appears here"/>
@@ -105,6 +106,7 @@ _FINDINGS = """
     </RectangleLabels>"""
 
 
+BRUSH_HELP = "Or paint the ROI with the brush: it is answered when you Update or Submit (reopen the task to see it)."
 ROI_HELP = ("Once: switch on Auto-Annotation, then Auto-Accept Suggestions (bottom bar). Then click ROI and hold "
             "Ctrl (\u2318 on a Mac) while you drag a box over the finding: the neurons aligned with it are drawn on "
             "the image and the report below is rewritten. Another box asks again.")
@@ -112,7 +114,8 @@ ROI_HELP = ("Once: switch on Auto-Annotation, then Auto-Accept Suggestions (bott
 
 def _fill(template: str, target: str, **extra: str) -> str:
     return template.format(
-        target=target, roi=ROI_LABEL, roi_help=ROI_HELP, aligned=ALIGNED_LABEL, most_aligned=MOST_ALIGNED_LABEL,
+        target=target, roi=ROI_LABEL, roi_help=ROI_HELP, brush_help=BRUSH_HELP, aligned=ALIGNED_LABEL,
+        most_aligned=MOST_ALIGNED_LABEL,
         most_activated=MOST_ACTIVATED_LABEL, roi_colour=ROI_COLOUR, aligned_colour=ALIGNED_COLOUR, most_aligned_colour=MOST_ALIGNED_COLOUR,
         most_activated_colour=MOST_ACTIVATED_COLOUR, **extra)
 

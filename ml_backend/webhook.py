@@ -142,7 +142,16 @@ def handle_event(backend: Backend, payload: dict) -> dict:
     if failure is not None:
         raise RequestError(f"event {event_id} kept, but its ROI could not be used: {failure}",
                            status=failure.status, code=failure.code)
-    return {"status": "ok", "event_id": event_id, "action": action, "labelled": labelled, "notes": notes}
+    brushes = [r for r in pr.asked_rois(results) if r.get("type") == "brushlabels"]
+    written_back = False
+    if brushes and roi_record and roi_record.get("query_id") is not None:
+        written_back = backend.write_back(task, info, brushes, asked_by=reader,
+                                          query_id=roi_record["query_id"]) is not None
+        if not written_back:
+            notes.append("the brush ROI's answer was not put on the task: the backend does not know Label Studio's "
+                         "URL and token (connect it from the project, or set LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY)")
+    return {"status": "ok", "event_id": event_id, "action": action, "labelled": labelled, "notes": notes,
+            "answer_written_back": written_back}
 
 
 def _label_from_roi(backend: Backend, task: dict, info: lc.ConfigInfo, results: list, answers: dict, reader: str,

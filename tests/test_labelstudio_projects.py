@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -197,3 +198,17 @@ def test_submitted_annotation_reaches_the_webhook_and_labels_units(provisioned, 
     with ConceptStore(ws) as store:
         labels = store.labels(run.model_digest, run.layer)
     assert {labels[u].name for u in aligned} == {"architectural distortion"}
+    # the brush ROI was answered as a box is, and the answer put on the task as a prediction (Label Studio never
+    # sends a brush stroke to the interactive endpoint): the reader sees it on reopening the task
+    written = []
+    deadline = time.monotonic() + 60
+    while not written and time.monotonic() < deadline:
+        predictions = api(server, "GET", f"/api/tasks/{task['id']}")["predictions"]
+        written = [p for p in predictions if any(r.get("from_name") == "units" and r["value"]["brushlabels"]
+                                                 == [lc.MOST_ALIGNED_LABEL] for r in p["result"])]
+        time.sleep(0.5)
+    assert written, "the brush ROI's answer never reached the task"
+    shown = [pr.unit_of_region(r) for r in written[-1]["result"] if r.get("from_name") == "units"]
+    assert shown[0] in aligned and set(shown) <= set(aligned)
+    report = next(r for r in written[-1]["result"] if r["type"] == "textarea")["value"]["text"][0]
+    assert "architectural distortion" in report and "ROI IoU" in report
