@@ -105,13 +105,20 @@ def start_app(ws: Workspace, port: int | None = None, *, db_uri: str, dataset: s
 
 
 def start_fiftyone(ws: Workspace, *, mongod_port: int | None = None, app_port: int | None = None,
-                   prefix: str = DEFAULT_PREFIX, sync_first: bool = True) -> list[Service]:
+                   prefix: str = DEFAULT_PREFIX, sync_first: bool = True,
+                   database_uri: str | None = None) -> list[Service]:
     """mongod + the App on the patches dataset; returns ``[mongod, app]`` (``mammo up`` stops them).
 
     With ``sync_first``, the datasets are brought up to date with the newest dissection run first
     (``mammo fiftyone sync`` in a child process; a no-op when nothing changed). Without any run the
-    App starts on no dataset, and the sync's message says what to run.
+    App starts on no dataset, and the sync's message says what to run. ``database_uri``: a team's shared
+    MongoDB instead of the workspace's own; nothing but the App is started then (returns ``[app]``).
     """
+    if database_uri:
+        if sync_first:
+            sync_in_child(ws, database_uri, prefix=prefix)
+        return [start_app(ws, app_port, db_uri=database_uri,
+                          dataset=_existing_dataset(database_uri, dataset_names(prefix)[0]))]
     if running_mongod(ws) is not None:
         raise FiftyOneSetupError(f"FiftyOne's database of {ws.root} is already running (see "
                                  f"{ws.root / 'services.json'}); stop that `mammo up` first")

@@ -73,8 +73,10 @@ def _app(args: argparse.Namespace) -> int:
     from workspace.base.services import serve_until_stopped
 
     ws = Workspace.open(args.workspace)
-    services = start_fiftyone(ws, app_port=args.port, prefix=args.prefix, sync_first=not args.no_sync)
-    return serve_until_stopped(services, f"FiftyOne App  {services[-1].url}   (database {services[0].url}, "
+    services = start_fiftyone(ws, app_port=args.port, prefix=args.prefix, sync_first=not args.no_sync,
+                              database_uri=args.database_uri)
+    database = args.database_uri or services[0].url
+    return serve_until_stopped(services, f"FiftyOne App  {services[-1].url}   (database {database}, "
                                          f"logs in {ws.logs_dir})")
 
 
@@ -91,4 +93,6 @@ def add_parser(subparsers, parents) -> None:
     a.add_argument("--port", type=int, help="App port (default: a free one)")
     a.add_argument("--prefix", default="mammo", help="dataset name prefix (default: mammo)")
     a.add_argument("--no-sync", action="store_true", help="do not sync the newest run first")
+    a.add_argument("--database-uri", help="a shared MongoDB (the team's FiftyOne database) instead of the "
+                                          "workspace's own: only the App is started")
     a.set_defaults(func=_app)
