@@ -9,5 +9,5 @@ import os as _os
 # PyTorch backs CPU tensors of 2 MB and more with transparent huge pages when this is set (read at its first
 # allocation; Linux with THP in "madvise" mode, the common default). The layer maps of a batch are hundreds
 # of MB: without it every batch faults them in 4 KB pages, and a fresh process (a CLI command, a Ray worker)
-# runs the forward passes about 1.5x slower (bench/RESULTS.md, "Ray"). A value set by the user wins.
+# runs a dissection about 1.35x slower (bench/RESULTS.md, "Ray"). A value set by the user wins.
 _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
