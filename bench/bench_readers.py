@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("MAMMO_QUIET", "1")
 
-from bench_roundtrip import build_workspace, roi_region  # noqa: E402
+from bench_roundtrip import build_workspace, roi_region, start_stack  # noqa: E402
 
 
 def play(endpoint: str, headers: dict, tasks: list[dict], shapes: dict, readers: int, asks: int) -> dict:
@@ -83,25 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the numbers here too")
     args = parser.parse_args(argv)
 
-    from ml_backend import label_configs as lc
-    from ml_backend.labelstudio import launch
-    from ml_backend.provision import provision
-    from ml_backend.serve import start_backend
     from workspace.base.catalog import get_image, open_catalog
 
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="mammo-bench-readers-"))
     services = []
     try:
         ws, loaded, run = build_workspace(root / "ws", args.patients)
-        server = launch(ws)
-        services.append(server.service)
-        backend = start_backend(ws, run_id=run.run_id, threads=args.threads)
-        services.append(backend)
-        project = provision(ws, server, backend_url=backend.url, kinds=(lc.SCREENING,), loaded=loaded,
-                            run=run).projects[lc.SCREENING]
-        headers = {"Authorization": f"Token {server.token}"}
-        tasks = requests.get(f"{server.url}/api/tasks", headers=headers, timeout=600,
-                             params={"project": project.project_id, "page_size": 1000}).json()["tasks"]
+        server, _backend, project, headers, tasks = start_stack(ws, loaded, run, services, threads=args.threads)
         db = open_catalog(ws)
         shapes = {t["data"]["image_id"]: (int(r["rows"]), int(r["cols"]))
                   for t in tasks for r in [get_image(db, t["data"]["image_id"])]}

@@ -78,6 +78,28 @@ def build_workspace(root: Path, patients: int):
     return ws, loaded, run
 
 
+def start_stack(ws, loaded, run, services: list, threads: int | None = None):
+    """A real Label Studio and the real backend on ``ws`` (appended to ``services`` for the caller to stop),
+    "Screening reads" provisioned: returns (server, backend, project, API headers, the project's tasks)."""
+    from ml_backend import label_configs as lc
+    from ml_backend.labelstudio import launch
+    from ml_backend.provision import provision
+    from ml_backend.serve import start_backend
+
+    t0 = time.perf_counter()
+    server = launch(ws)
+    services.append(server.service)
+    print(f"Label Studio up in {time.perf_counter() - t0:.0f} s at {server.url}", flush=True)
+    backend = start_backend(ws, run_id=run.run_id, threads=threads)
+    services.append(backend)
+    project = provision(ws, server, backend_url=backend.url, kinds=(lc.SCREENING,), loaded=loaded,
+                        run=run).projects[lc.SCREENING]
+    headers = {"Authorization": f"Token {server.token}"}
+    tasks = requests.get(f"{server.url}/api/tasks", headers=headers, timeout=600,
+                         params={"project": project.project_id, "page_size": 1000}).json()["tasks"]
+    return server, backend, project, headers, tasks
+
+
 def roi_region(rows: int, cols: int, rng: np.random.Generator) -> dict:
     from ml_backend import label_configs as lc
     from ml_backend import predictions as pr
@@ -116,8 +138,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from ml_backend import label_configs as lc
-    from ml_backend.labelstudio import launch
-    from ml_backend.provision import provision
     from ml_backend.serve import start_backend
     from workspace.base.catalog import get_image, open_catalog
 
@@ -125,17 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     services = []
     try:
         ws, loaded, run = build_workspace(root / "ws" if not args.keep else root, args.patients)
-        t0 = time.perf_counter()
-        server = launch(ws)
-        services.append(server.service)
-        print(f"Label Studio up in {time.perf_counter() - t0:.0f} s at {server.url}", flush=True)
-        backend = start_backend(ws, run_id=run.run_id)
-        services.append(backend)
-        project = provision(ws, server, backend_url=backend.url, kinds=(lc.SCREENING,), loaded=loaded,
-                            run=run).projects[lc.SCREENING]
-        headers = {"Authorization": f"Token {server.token}"}
-        tasks = requests.get(f"{server.url}/api/tasks", headers=headers, timeout=60,
-                             params={"project": project.project_id, "page_size": 1000}).json()["tasks"]
+        server, backend, project, headers, tasks = start_stack(ws, loaded, run, services)
         # Listing tasks makes Label Studio ask the backend for the page's predictions (the project evaluates
         # predictions automatically), which reads every image. For the forward-pass trials, restart the
         # backend on the same URL with no read cached anywhere.
