@@ -26,9 +26,15 @@ PACKAGES = ("workspace", "models", "ml_backend", "fiftyone_plugins")
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
+    import shutil
+
     base = tmp_path_factory.mktemp("install")
+    # built from a copy of the sources: an in-tree build would reuse (and package) whatever build/ holds
+    source = base / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
+                                                                 "mammo-workspace", ".pytest_cache", ".ruff_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w",
-                    str(base / "dist"), str(ROOT)], check=True, cwd=base, timeout=600)
+                    str(base / "dist"), str(source)], check=True, cwd=base, timeout=600)
     wheel = next((base / "dist").glob("mammo_dissect-*.whl"))
     env_dir = base / "env"
     venv.EnvBuilder(with_pip=False).create(env_dir)

@@ -90,12 +90,13 @@ def _expect(condition: bool, message: str) -> None:
 
 
 # ------------------------------------------------------------------------------------- Label Studio
-def ls_request(server: Any, method: str, path: str, **kw: Any) -> Any:
-    """One Label Studio API call with the server's token; a non-2xx answer is a :class:`CheckFailed`."""
-    import requests
-
-    response = requests.request(method, f"{server.url}{path}", headers={"Authorization": f"Token {server.token}"},
-                                timeout=300, **kw)
+def ls_request(server: Any, method: str, path: str, *, params: dict | None = None, json: Any = None) -> Any:
+    """One Label Studio API call through the SDK client's own HTTP client (so a legacy token and a personal
+    access token authenticate alike; the SDK has no typed call for some of these endpoints); a non-2xx answer
+    is a :class:`CheckFailed`."""
+    http = server.client()._client_wrapper.httpx_client   # the SDK's transport, with its authentication
+    response = http.request(path.lstrip("/"), method=method, params=params, json=json,
+                            request_options={"timeout_in_seconds": 300})
     if response.status_code >= 300:
         raise CheckFailed(f"Label Studio {method} {path}: HTTP {response.status_code} {response.text[:300]}")
     return response.json() if response.content else None
