@@ -93,10 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="gunicorn workers (or WORKERS; default 1)")
     args = parser.parse_args(argv)
     try:
-        password = args.password_file.read_text().splitlines()[0].strip() if args.password_file else None
+        password = settings.secret_file(args.password_file)
         auth = (args.user, password) if args.user and password else auth_from_env()
-    except (OSError, IndexError) as error:
-        print(f"ml_backend: error: cannot read the password file {args.password_file}: {error}", file=sys.stderr)
+    except MammoError as error:
+        print(f"ml_backend: error: {error}", file=sys.stderr)
         return 2
     try:
         check_binding(args.host, auth)

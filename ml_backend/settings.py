@@ -39,6 +39,19 @@ def setting(names: tuple[str, ...], default: str | None = None) -> str | None:
     return default
 
 
+def secret_file(path: str | os.PathLike | None) -> str | None:
+    """The first line of a secret's file (None for no file); one clear error when it is unreadable or empty."""
+    if not path:
+        return None
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as error:
+        raise MammoError(f"cannot read the secret file {path}: {error.strerror}") from None
+    if not lines or not lines[0].strip():
+        raise MammoError(f"the secret file {path} is empty")
+    return lines[0].strip()
+
+
 def secret(names: tuple[str, ...]) -> str | None:
     """A secret from the first of ``names`` set, or from the file the first ``NAME_FILE`` set names."""
     value = setting(names)
@@ -47,11 +60,7 @@ def secret(names: tuple[str, ...]) -> str | None:
     for name in names:
         path = os.environ.get(f"{name}_FILE")
         if path:
-            try:
-                lines = Path(path).read_text().splitlines()
-            except OSError as error:
-                raise MammoError(f"{name}_FILE={path}: cannot read the secret ({error.strerror})") from None
-            return lines[0].strip() if lines and lines[0].strip() else None
+            return secret_file(path)
     return None
 
 
@@ -85,4 +94,4 @@ def log_level(default: str = "INFO") -> str:
 
 
 __all__ = ["AUTH_USER", "AUTH_PASSWORD", "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "LOG_LEVEL", "WORKERS",
-           "THREADS", "setting", "secret", "count", "auth", "labelstudio", "log_level"]
+           "THREADS", "setting", "secret", "secret_file", "count", "auth", "labelstudio", "log_level"]

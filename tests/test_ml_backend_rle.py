@@ -213,3 +213,27 @@ def test_only_asked_for_alpha_levels_are_kept():
     assert set(np.unique(sdk_brush.decode_rle(encode_mask(levels, alpha=True)).reshape(20, 30, 4)[..., 3])) == {0, 128}
     with pytest.raises(RleError, match="uint8"):
         encode_mask(ones.astype(bool), alpha=True)
+
+
+def test_secrets_come_from_the_environment_or_a_file(monkeypatch, tmp_path):
+    from ml_backend import settings
+    from workspace.base.errors import MammoError
+
+    for name in (*settings.AUTH_USER, *settings.AUTH_PASSWORD, "BASIC_AUTH_PASS_FILE", "MAMMO_BACKEND_PASSWORD_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    assert settings.auth() is None
+    monkeypatch.setenv("BASIC_AUTH_USER", "reader")
+    secret = tmp_path / "pass"
+    secret.write_text("  s3cret  \nignored\n")
+    monkeypatch.setenv("BASIC_AUTH_PASS_FILE", str(secret))
+    assert settings.auth() == ("reader", "s3cret")
+    monkeypatch.setenv("BASIC_AUTH_PASS", "from-env")   # the variable wins over the file
+    assert settings.auth() == ("reader", "from-env")
+    secret.write_text("\n")
+    with pytest.raises(MammoError, match="is empty"):
+        settings.secret_file(secret)
+    with pytest.raises(MammoError, match="cannot read the secret file"):
+        settings.secret_file(tmp_path / "missing")
+    monkeypatch.setenv("LOG_LEVEL", "loud")
+    with pytest.raises(MammoError, match="LOG_LEVEL"):
+        settings.log_level()

@@ -31,7 +31,11 @@ def test_shards_are_cut_on_batch_boundaries_and_cover_everything():
         assert all(a % bs == 0 for a, _ in bounds) and len(bounds) == min(shards, -(-n // bs))
     # a shard's max-activation columns take at most a quarter of the budget; at least one shard per worker
     assert default_shards(1000, 512, 2, 1024) == 2
-    assert default_shards(1_000_000, 512, 2, 64) == -(-1_000_000 // (64 * 2**20 // 4 // (4 * 512)))
+    for n, units, workers, budget_mb in [(1_000_000, 512, 2, 64), (300_000, 64, 4, 16)]:
+        shards = default_shards(n, units, workers, budget_mb)
+        quarter = budget_mb * 2**20 / 4
+        assert shards >= workers and -(-n // shards) * units * 4 <= quarter   # a shard's max-activation columns
+        assert -(-n // (shards - 1)) * units * 4 > quarter                   # no fewer shards would do
 
 
 @pytest.fixture(scope="module")

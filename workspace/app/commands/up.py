@@ -85,29 +85,12 @@ def add_service_options(p: argparse.ArgumentParser, *, fiftyone: bool = True) ->
         p.add_argument("--no-fiftyone", action="store_true", help="do not start the FiftyOne App")
 
 
-def read_secret(path: str | None) -> str | None:
-    """The first line of a secret's file (None for no file); one clear error when it cannot be read."""
-    from pathlib import Path
-
-    from workspace.base.errors import MammoError
-
-    if not path:
-        return None
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as error:
-        raise MammoError(f"cannot read the secret file {path}: {error.strerror}") from None
-    if not lines or not lines[0].strip():
-        raise MammoError(f"the secret file {path} is empty")
-    return lines[0].strip()
-
-
 def backend_auth(args: argparse.Namespace | None) -> tuple[str, str] | None:
     """(user, password) of the backend from the options or the environment (``ml_backend.settings``), else None."""
     from ml_backend import settings
 
     user = getattr(args, "backend_user", None) or settings.setting(settings.AUTH_USER)
-    password = read_secret(getattr(args, "backend_password_file", None)) or settings.secret(settings.AUTH_PASSWORD)
+    password = settings.secret_file(getattr(args, "backend_password_file", None)) or settings.secret(settings.AUTH_PASSWORD)
     return (user, password) if user and password else None
 
 
@@ -115,7 +98,7 @@ def labelstudio_token(args: argparse.Namespace | None, option: str = "labelstudi
     """An existing Label Studio's API token: from the option's file, else ``LABEL_STUDIO_API_KEY[_FILE]``."""
     from ml_backend import settings
 
-    return read_secret(getattr(args, option, None)) or settings.secret(settings.LABEL_STUDIO_API_KEY)
+    return settings.secret_file(getattr(args, option, None)) or settings.secret(settings.LABEL_STUDIO_API_KEY)
 
 
 def stack_options(args: argparse.Namespace | None) -> dict:
