@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint browser clean-venv
+.PHONY: setup demo test lint browser postgresql clean-venv
 
 setup: $(STAMP)
 
@@ -21,10 +21,16 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null)
 
+# Debian's PostgreSQL server programs: the tests run a team's Label Studio on a real PostgreSQL (started by the
+# tests as an ordinary process on a loopback port, never as a system service).
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null)
+
 demo: setup
 	$(VENV)/bin/mammo demo
 
-test: setup browser
+test: setup browser postgresql
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q
 

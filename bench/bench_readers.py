@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,8 @@ os.environ.setdefault("MAMMO_QUIET", "1")
 from bench_roundtrip import build_workspace, roi_region, start_stack  # noqa: E402
 
 
-def play(endpoint: str, headers: dict, tasks: list[dict], shapes: dict, readers: int, asks: int) -> dict:
+def play(endpoint: str, headers: Callable[[], dict], tasks: list[dict], shapes: dict, readers: int,
+         asks: int) -> dict:
     latencies: list[float] = []
     sizes: list[int] = []
     errors: list[str] = []
@@ -49,7 +51,7 @@ def play(endpoint: str, headers: dict, tasks: list[dict], shapes: dict, readers:
             rows, cols = shapes[task["data"]["image_id"]]
             payload = {"task": task["id"], "context": {"result": [roi_region(rows, cols, rng)]}}
             start = time.perf_counter()
-            response = session.post(endpoint, headers=headers, json=payload, timeout=600)
+            response = session.post(endpoint, headers=headers(), json=payload, timeout=600)
             elapsed = 1000 * (time.perf_counter() - start)
             with lock:
                 if response.status_code != 200 or "errors" in response.json():
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         rng = np.random.default_rng(99)
         for task in tasks:   # every image read and its masks built: the cached state of a reading session
             rows, cols = shapes[task["data"]["image_id"]]
-            requests.post(endpoint, headers=headers, timeout=600,
+            requests.post(endpoint, headers=headers(), timeout=600,
                           json={"task": task["id"], "context": {"result": [roi_region(rows, cols, rng)]}})
         time.sleep(10)  # the backend builds each image's patch masks in the background
         print(f"{len(tasks)} tasks warmed in {time.perf_counter() - t0:.0f} s", flush=True)

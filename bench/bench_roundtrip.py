@@ -80,7 +80,8 @@ def build_workspace(root: Path, patients: int):
 
 def start_stack(ws, loaded, run, services: list, threads: int | None = None):
     """A real Label Studio and the real backend on ``ws`` (appended to ``services`` for the caller to stop),
-    "Screening reads" provisioned: returns (server, backend, project, API headers, the project's tasks)."""
+    "Screening reads" provisioned: returns (server, backend, project, API headers, the project's tasks). The
+    headers are a function: the SDK's, with an access token it refreshes from the personal access token."""
     from ml_backend import label_configs as lc
     from ml_backend.labelstudio import launch
     from ml_backend.provision import provision
@@ -94,8 +95,8 @@ def start_stack(ws, loaded, run, services: list, threads: int | None = None):
     services.append(backend)
     project = provision(ws, server, backend_url=backend.url, kinds=(lc.SCREENING,), loaded=loaded,
                         run=run).projects[lc.SCREENING]
-    headers = {"Authorization": f"Token {server.token}"}
-    tasks = requests.get(f"{server.url}/api/tasks", headers=headers, timeout=600,
+    headers = server.client()._client_wrapper.get_headers
+    tasks = requests.get(f"{server.url}/api/tasks", headers=headers(), timeout=600,
                          params={"project": project.project_id, "page_size": 1000}).json()["tasks"]
     return server, backend, project, headers, tasks
 
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             row = get_image(db, task["data"]["image_id"])
             region = roi_region(row["rows"], row["cols"], rng)
             start = time.perf_counter()
-            response = requests.post(endpoint, headers=headers, json={"task": task["id"],
+            response = requests.post(endpoint, headers=headers(), json={"task": task["id"],
                                                                      "context": {"result": [region]}}, timeout=600)
             elapsed = 1000 * (time.perf_counter() - start)
             body = response.json()

@@ -42,6 +42,7 @@ def charts_for_sample(mc: Any, sample_id: str) -> dict | None:
     thr = [by_unit[u] for u in range(mc.n_units)]
     with ConceptStore(mc.ws) as store:
         labels = store.labels(mc.model_digest, mc.layer)
+        labelled_by = store.labellers(mc.model_digest, mc.layer)
         query = store.latest_query(mc.model_digest, mc.layer, image_id=sample["image_id"])
     report = build_report(
         sample["max_activations"], thr, labels,
@@ -50,7 +51,7 @@ def charts_for_sample(mc: Any, sample_id: str) -> dict | None:
         iou_threshold=query.iou_threshold if query is not None else DEFAULT_IOU_THRESHOLD,
         image_id=sample["image_id"], patch_box=[sample["x"], sample["y"], sample["size"], sample["size"]],
         model_digest=mc.model_digest, layer=mc.layer, run_id=mc.meta.get("run_id"),
-        query_id=query.query_id if query is not None else None)
+        query_id=query.query_id if query is not None else None, labelled_by=labelled_by)
     d = report.to_dict()
     title = (f"**Report: patch {sample['patch_id']}** of `{sample['image_id']}` at ({sample['x']}, {sample['y']}), "
              f"model score {sample['score']:.2f}")
@@ -66,7 +67,7 @@ def charts_for_sample(mc: Any, sample_id: str) -> dict | None:
     names = [f"{c['name']} ({c['n_units']})" for c in d["concepts"]]
     colours = [c["colour"] for c in d["concepts"]]
     hover = [f"{c['name']}: mean activation {c['mean_activation']:.3g} over {c['n_units']} unit(s)"
-             for c in d["concepts"]]
+             + (f", labelled by {', '.join(c['labelled_by'])}" if c["labelled_by"] else "") for c in d["concepts"]]
     plots = [_bars(names, [c["mean_normalised"] for c in d["concepts"]], colours, hover,
                    "activation value (mean max activation / threshold)", reference=1.0)]
     if d["has_roi"]:

@@ -100,7 +100,7 @@ class Backend:
         self._warming: set[str] = set()
         self._warmer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm-masks")
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-back")
-        self._labelstudio: tuple[str, str] | None = settings.labelstudio()   # /setup overrides it
+        self._labelstudio: tuple[str, str] | None = settings.labelstudio()   # else what /setup sends
         self._emails: dict[int, str | None] = {}
 
     # -- pieces of state ---------------------------------------------------------------------
@@ -276,7 +276,8 @@ class Backend:
         return build_report(acts, self.thresholds, labels, iou=iou, aligned=aligned,
                             iou_threshold=self.iou_threshold, image_id=image_id, patch_box=patch_box,
                             model_digest=self.run.model_digest, layer=self.run.layer, run_id=self.run.run_id,
-                            query_id=query_id, roi=roi, read=self.read(image_id), card=self.card)
+                            query_id=query_id, roi=roi, read=self.read(image_id), card=self.card,
+                            labelled_by=self.store.labellers(self.run.model_digest, self.run.layer))
 
     # -- interactive ROI ---------------------------------------------------------------------
     def query(self, task: dict, info: lc.ConfigInfo, results: list | None) -> dict:
@@ -369,8 +370,9 @@ class Backend:
         return future
 
     def remember_labelstudio(self, hostname: str | None, token: str | None) -> None:
-        """Label Studio's URL and a token, as ``/setup`` sends them (to name readers by email)."""
-        if hostname and token:
+        """Label Studio's URL and a token, as ``/setup`` sends them (to name readers by email and write answers
+        back), unless the environment gave them: /setup's token is a legacy one (``ml_backend.settings``)."""
+        if hostname and token and settings.labelstudio() is None:
             self._labelstudio = (str(hostname).rstrip("/"), str(token))
 
     def reader_email(self, user_id: int) -> str | None:

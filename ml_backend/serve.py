@@ -49,14 +49,18 @@ def check_binding(host: str, auth: tuple[str, str] | None) -> None:
 def start_backend(ws: Workspace, *, host: str = "127.0.0.1", port: int | None = None,
                   auth: tuple[str, str] | None = None, run_id: str | None = None,
                   threads: int | None = None, timeout: float = START_TIMEOUT_S,
-                  name: str = "ml_backend") -> Service:
-    """Start the backend as a child process and wait for ``/health``; stop it with ``service.stop()``."""
+                  labelstudio: tuple[str, str] | None = None, name: str = "ml_backend") -> Service:
+    """Start the backend as a child process and wait for ``/health``; stop it with ``service.stop()``.
+    ``labelstudio`` is Label Studio's URL and API token (to name readers and write answers back), passed through
+    the environment like the basic-auth login."""
     auth = auth or auth_from_env()
     check_binding(host, auth)
     port = port or free_port()
     env = {"MAMMO_WORKSPACE": str(ws.root), "PYTHONUNBUFFERED": "1"}
     if auth:
         env.update({AUTH_USER_ENV: auth[0], AUTH_PASSWORD_ENV: auth[1]})
+    if labelstudio:
+        env.update({settings.LABEL_STUDIO_URL[0]: labelstudio[0], settings.LABEL_STUDIO_API_KEY[0]: labelstudio[1]})
     if run_id:
         env[RUN_ENV] = run_id
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host

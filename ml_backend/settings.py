@@ -11,7 +11,9 @@
 
 Secrets come from the environment or from a file (``*_FILE``: the first line, as Docker and Kubernetes
 secrets are mounted), never only from a command-line flag: a process's arguments are visible to every
-user of the machine (``ps``). Label Studio's ``/setup`` call overrides the URL and token it sends.
+user of the machine (``ps``). Label Studio's ``/setup`` call sends a URL and a token too, used only when these
+are not set: that token is the project creator's legacy API token, which Label Studio 1.23 organisations refuse
+unless legacy tokens were switched on, so a team's backend is given a personal access token here.
 """
 
 from __future__ import annotations

@@ -68,12 +68,13 @@ def bring_up(ws: Workspace, *, ls_url: str | None = None, ls_token: str | None =
 
     started: list[Service] = []
     try:
-        backend = start_backend(ws, host=backend_host, port=_port(backend_port, PREFERRED_BACKEND_PORT),
-                                auth=backend_auth)
-        started.append(backend)
         server = resolve_server(ws, url=ls_url, token=ls_token, document_root=ls_document_root, port=ls_port)
         if server.service is not None:
             started.append(server.service)
+        # the backend gets Label Studio's URL and token: the token /setup sends is refused by default (settings)
+        backend = start_backend(ws, host=backend_host, port=_port(backend_port, PREFERRED_BACKEND_PORT),
+                                auth=backend_auth, labelstudio=(server.url, server.token))
+        started.append(backend)
         result = None
         if do_provision:
             result = provision(ws, server, backend_url=backend_url or backend.url, backend_auth=backend_auth,

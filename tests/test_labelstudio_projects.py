@@ -7,12 +7,12 @@ import time
 
 import numpy as np
 import pytest
-import requests
 
 from ml_backend import label_configs as lc
 from ml_backend import predictions as pr
 from ml_backend.provision import provision
 from ml_backend.rle import decode_mask
+from workspace.app.demo_check import ls_request
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
 
@@ -25,10 +25,8 @@ def provisioned(labelstudio_server, ls_backend, ls_pipeline):
 
 
 def api(server, method, path, **kw):
-    response = requests.request(method, f"{server.url}{path}", headers={"Authorization": f"Token {server.token}"},
-                                timeout=120, **kw)
-    assert response.status_code < 300, response.text[:500]
-    return response.json() if response.content else None
+    """A Label Studio API call through the SDK's client (the server takes personal access tokens only)."""
+    return ls_request(server, method, path, **kw)
 
 
 def tasks_of(server, project_id):
@@ -212,3 +210,82 @@ def test_submitted_annotation_reaches_the_webhook_and_labels_units(provisioned, 
     assert shown[0] in aligned and set(shown) <= set(aligned)
     report = next(r for r in written[-1]["result"] if r["type"] == "textarea")["value"]["text"][0]
     assert "architectural distortion" in report and "ROI IoU" in report
+
+
+def test_two_readers_with_their_own_accounts_label_at_the_same_time(provisioned, labelstudio_server, ls_pipeline):
+    """Two readers sign up (their own accounts and personal access tokens) and submit ROI + concept annotations
+    at the same moment: every event is kept with its reader, each reader's units carry that reader's label,
+    and the report names who labelled what."""
+    import threading
+
+    from models.inference import read_mammogram
+    from tests.fixtures.labelstudio import sign_up
+    from workspace.base.catalog import get_image, open_catalog
+    from workspace.dissect.concepts import ConceptStore
+    from workspace.dissect.query import query_image
+    from workspace.dissect.session import Session
+
+    server, ws, run = labelstudio_server, ls_pipeline.ws, ls_pipeline.run
+    readers = [sign_up(server, f"{name}-{ls_pipeline.run.run_id[:6]}@clinic.example", f"{name}-long-password")
+               for name in ("ana", "ben")]
+    assert readers[0].client().users.whoami().email == readers[0].username
+    tasks = tasks_of(server, provisioned.projects[lc.SCREENING].project_id)
+    # ROIs on distinct tasks whose aligned units do not overlap, so each unit's label has one author
+    plans, taken = [], set()
+    for task in tasks:
+        image_id = task["data"]["image_id"]
+        row = get_image(open_catalog(ws), image_id)
+        read = read_mammogram(ws, image_id, ls_pipeline.loaded)
+        for box in read.boxes[np.argsort(-read.scores)][:6]:
+            x, y, s = (int(v) for v in box[:3])
+            probe = np.zeros((row["rows"], row["cols"]), bool)
+            probe[y:y + s, x:x + s] = True
+            first = query_image(ws, image_id, probe, ls_pipeline.loaded, run)
+            unit = next((int(u) for u in first.ranking if first.mask_of(int(u)).any()), None)
+            if unit is None:
+                continue
+            roi = first.mask_of(unit)
+            aligned = {int(u) for u in query_image(ws, image_id, roi, ls_pipeline.loaded, run).aligned}
+            if aligned and not aligned & taken:
+                plans.append((task, roi, aligned))
+                taken |= aligned
+                break
+        if len(plans) == 2:
+            break
+    assert len(plans) == 2, "no two tasks with disjoint aligned units"
+    concepts = ["ana's spiculated mass", "ben's calcification cluster"]
+    made: dict[int, int] = {}
+    start, errors = threading.Barrier(2), []
+
+    def submit(k: int) -> None:
+        task, roi, _ = plans[k]
+        result = [pr.brush(roi, label=lc.ROI_LABEL, to_name="image", from_name="roi", rid=f"two{k}"),
+                  {"id": f"c{k}", "from_name": "new_concept", "to_name": "image", "type": "textarea",
+                   "value": {"text": [concepts[k]]}}]
+        start.wait(timeout=60)
+        try:
+            made[k] = readers[k].client().annotations.create(id=task["id"], result=result).id
+        except Exception as error:   # reported below, with the reader
+            errors.append((k, error))
+
+    threads = [threading.Thread(target=submit, args=(k,)) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors and len(made) == 2, errors
+    catalog = open_catalog(ws)
+    for k, reader in enumerate(readers):
+        [stored] = list(catalog.query("SELECT * FROM ls_annotations WHERE annotation_id = ?", [made[k]]))
+        assert stored["reader"] == f"labelstudio:{reader.username}" and stored["concept"] == concepts[k]
+        assert sorted(json.loads(stored["roi"])["labelled_units"]) == sorted(plans[k][2])
+    with ConceptStore(ws) as store:
+        labels, by = store.labels(run.model_digest, run.layer), store.labellers(run.model_digest, run.layer)
+    for k, reader in enumerate(readers):
+        assert {labels[u].name for u in plans[k][2]} == {concepts[k]}
+        assert {by[u] for u in plans[k][2]} == {f"labelstudio:{reader.username}"}
+    with Session.open(ws, run=run, loaded=ls_pipeline.loaded) as session:
+        report = session.report(plans[0][0]["data"]["image_id"], thumbnail=False)
+    for k, reader in enumerate(readers):
+        assert report.concept(concepts[k]).labelled_by == [f"labelstudio:{reader.username}"]
+        assert f"by labelstudio:{reader.username}" in report.to_text(max_concepts=50)

@@ -146,3 +146,22 @@ def test_activation_over_threshold_has_one_definition_for_reports_and_fiftyone()
     assert [int(np.argsort(-ranked[:, j], kind="stable")[-1]) for j in range(2)] == [1, 1]  # last on every patch
     report = build_report(acts[:, 1], thresholds, {})
     assert "1 unit(s) have T <= 0" in " ".join(report.notes)
+
+
+def test_the_report_says_who_labelled_what(ws):
+    """Two readers label units of the same concept, a third another: the report names the readers of the current
+    labels, the one with more units first, in the text and per unit."""
+    with ConceptStore(ws) as store:
+        store.label_units(MODEL, LAYER, [0], "mass", by="labelstudio:ana@clinic", source="labelstudio", n_units=6)
+        store.label_units(MODEL, LAYER, [2, 1], "mass", by="labelstudio:ben@clinic", source="labelstudio", n_units=6)
+        store.label_units(MODEL, LAYER, [3], "calcification", by="fiftyone:cy", source="fiftyone", n_units=6)
+        labels_now = store.labels(MODEL, LAYER)
+        report = build_report(ACTS, T, labels_now, iou=IOU, labelled_by=store.labellers(MODEL, LAYER))
+    mass, calc = report.concept("mass"), report.concept("calcification")
+    assert mass.unit_labelled_by == ["labelstudio:ana@clinic", "labelstudio:ben@clinic", "labelstudio:ben@clinic"]
+    assert mass.labelled_by == ["labelstudio:ben@clinic", "labelstudio:ana@clinic"]
+    assert calc.labelled_by == ["fiftyone:cy"]
+    text = report.to_text()
+    assert "by labelstudio:ben@clinic, labelstudio:ana@clinic" in text and "by fiftyone:cy" in text
+    assert report.to_html().count("labelstudio:ben@clinic") == 2   # one row per unit
+    assert build_report(ACTS, T, labels_now).concept("mass").labelled_by == []   # not asked: not shown

@@ -634,6 +634,12 @@ class ConceptStore:
         return [NeuronLabel(model_digest, layer, r[0], concepts[r[1]], r[2], r[3], r[4], r[5], r[6])
                 for r in rows]
 
+    def labellers(self, model_digest: str, layer: str) -> dict[int, str]:
+        """Who gave each current label of (model, layer): ``{unit: labelled_by}`` (for reports)."""
+        rows = self._read("SELECT unit, labelled_by FROM neuron_labels WHERE model_digest = ? AND layer = ?",
+                          [model_digest, layer])
+        return {int(r[0]): r[1] for r in rows}
+
     def units_of(self, concept: str | int | Concept, model_digest: str, layer: str) -> list[int]:
         """The units of (model, layer) labelled with ``concept`` (ascending)."""
         target = concept if isinstance(concept, Concept) else self.get_concept(concept)

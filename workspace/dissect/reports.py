@@ -25,6 +25,7 @@ import html
 import io
 import json
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,6 +66,8 @@ class ConceptScore:
     unit_activation: list[float]
     unit_normalised: list[float | None]
     unit_iou: list[float] | None
+    unit_labelled_by: list[str | None] = field(default_factory=list)   # who gave each unit's label
+    labelled_by: list[str] = field(default_factory=list)   # the same, distinct, most units first
 
     @property
     def n_units(self) -> int:
@@ -151,6 +154,8 @@ class Report:
             line = f"{score.name}: {value} (raw {_fmt(score.mean_activation)}, {_units(score.n_units)})"
             if score.mean_iou is not None:
                 line += f", ROI IoU {score.mean_iou:.2f}"
+            if score.labelled_by:
+                line += f"; by {', '.join(score.labelled_by)}"
             lines.append(line)
         if len(self.concepts) > max_concepts:
             lines.append(f"+{len(self.concepts) - max_concepts} more concepts")
@@ -181,7 +186,8 @@ def build_report(max_activations: Sequence[float] | np.ndarray, thresholds: Sequ
                  image_id: str | None = None, patch_box: Sequence[int] | None = None,
                  model_digest: str | None = None, layer: str | None = None, run_id: str | None = None,
                  query_id: int | None = None, roi: Mapping[str, Any] | None = None,
-                 thumbnail: dict | None = None, read: Any = None, card: Any = None) -> Report:
+                 thumbnail: dict | None = None, read: Any = None, card: Any = None,
+                 labelled_by: Mapping[int, str] | None = None) -> Report:
     """The report of one image or patch from plain arrays.
 
     ``max_activations`` (units,): each unit's maximum activation on the image (or patch);
@@ -189,7 +195,8 @@ def build_report(max_activations: Sequence[float] | np.ndarray, thresholds: Sequ
     ``iou`` (units,): each unit's mask IoU with the ROI (None: no ROI); ``aligned``: the aligned
     units (default: ``iou >= iou_threshold``). ``roi`` is kept as a summary (``bbox``, ``area``).
     ``read`` (a ``models.inference.MammogramRead``) adds the image's score and domain verdict, ``card``
-    (a ``models.card.ModelCard``) what the model was trained on.
+    (a ``models.card.ModelCard``) what the model was trained on, ``labelled_by`` (``{unit: reader}``, from
+    ``ConceptStore.labellers``) who labelled what.
     """
     acts = _vector(max_activations, "max_activations")
     thr = _vector(thresholds, "thresholds")
@@ -234,7 +241,9 @@ def build_report(max_activations: Sequence[float] | np.ndarray, thresholds: Sequ
             n_aligned=sum(1 for u in units if u in aligned_set),
             unit_activation=[float(v) for v in acts[idx]],
             unit_normalised=[float(v) if np.isfinite(v) else None for v in norm],
-            unit_iou=[float(v) for v in ious[idx]] if ious is not None else None))
+            unit_iou=[float(v) for v in ious[idx]] if ious is not None else None,
+            unit_labelled_by=[(labelled_by or {}).get(u) for u in units],
+            labelled_by=_by_count((labelled_by or {}).get(u) for u in units)))
     scores.sort(key=lambda s: (s.mean_normalised is None, -(s.mean_normalised or 0.0), s.name.casefold()))
 
     label_me = [LabelMe(unit=u, iou=float(ious[u]) if ious is not None else None,
@@ -261,6 +270,12 @@ def build_report(max_activations: Sequence[float] | np.ndarray, thresholds: Sequ
                   score=read_score(read, card.score_label if card is not None else "score"),
                   model_card=card.to_dict() if card is not None else None,
                   domain=read.domain.to_dict() if read is not None and read.domain is not None else None)
+
+
+def _by_count(names: Iterable[str | None]) -> list[str]:
+    """Distinct names, the most frequent first (ties by name); None left out."""
+    counts = Counter(n for n in names if n)
+    return sorted(counts, key=lambda n: (-counts[n], n))
 
 
 def read_score(read: Any, label: str) -> dict | None:
@@ -474,9 +489,11 @@ def _render_html(report: Report) -> str:
             detail_rows.append(
                 f'<tr><td><span class="swatch" style="background:{esc(s.colour)}"></span>{esc(s.name)}</td>'
                 f'<td>{unit}</td><td class="num">{_fmt(s.unit_activation[j])}</td>'
-                f'<td class="num">{_fmt(s.unit_normalised[j])}</td><td class="num">{iou}</td></tr>')
+                f'<td class="num">{_fmt(s.unit_normalised[j])}</td><td class="num">{iou}</td>'
+                f'<td>{esc(s.unit_labelled_by[j] or "–") if s.unit_labelled_by else "–"}</td></tr>')
     details = ("<details><summary>Per-unit numbers</summary><table><tr><th>concept</th><th>unit</th>"
-               "<th>max activation</th><th>÷ T</th><th>IoU</th></tr>" + "".join(detail_rows) + "</table></details>"
+               "<th>max activation</th><th>÷ T</th><th>IoU</th><th>labelled by</th></tr>" + "".join(detail_rows)
+               + "</table></details>"
                if detail_rows else "")
     notes = "".join(f"<div>{esc(n)}</div>" for n in report.notes)
     model_box = ""

@@ -311,7 +311,8 @@ class Session:
         return build_report(max_acts, run.thresholds, labels, iou=iou, aligned=aligned,
                             iou_threshold=self.iou_threshold, image_id=image_id, patch_box=patch_box,
                             model_digest=run.model_digest, layer=run.layer, run_id=run.run_id, query_id=query_id,
-                            roi=roi_geometry, thumbnail=thumb, read=read, card=self.card)
+                            roi=roi_geometry, thumbnail=thumb, read=read, card=self.card,
+                            labelled_by=self.store.labellers(run.model_digest, run.layer))
 
 
 __all__ = ["Session", "Lru", "load_run_model", "roi_mask", "roi_mask_from_png", "READS_IN_MEMORY"]
