@@ -238,19 +238,18 @@ WORKSPACE_NAME = "mammo-dissect"
 
 def _neurons_look(fo: Any, ds: Any) -> None:
     """The run's PCA of the units registered as a FiftyOne visualization (so the App's own Embeddings panel
-    draws the neuron map too, coloured by concept, with lasso selection), and the layout saved with the
-    dataset (``save_workspace``), so a curator's own App on a shared database opens the same view."""
+    lists it and draws the neuron map too, with lasso selection: the curator picks ``neuron_pca`` there and may
+    colour it by ``concept.label``; FiftyOne 1.22's panel keeps no saved choice of run or colour), and the layout
+    saved with the dataset (``save_workspace``), so a curator's own App on a shared database opens the same view."""
     import fiftyone.brain as fob
 
     if NEURON_MAP_KEY in ds.list_brain_runs():
         ds.delete_brain_run(NEURON_MAP_KEY)
     points = np.asarray(ds.values("pca"), dtype=np.float32)   # in the dataset's sample order
     fob.compute_visualization(ds, points=points, brain_key=NEURON_MAP_KEY, method="manual", progress=False)
-    layout = fo.Space(children=[fo.Panel(type="Samples", pinned=True),
-                                fo.Panel(type="Embeddings", state={"brainResult": NEURON_MAP_KEY,
-                                                                   "colorByField": "concept.label"})],
+    layout = fo.Space(children=[fo.Panel(type="Samples", pinned=True), fo.Panel(type="Embeddings")],
                       orientation="horizontal")
-    ds.save_workspace(WORKSPACE_NAME, layout, description="the neurons' grid beside their PCA map, by concept",
+    ds.save_workspace(WORKSPACE_NAME, layout, description="the neurons' grid beside the Embeddings panel (neuron_pca)",
                       overwrite=True)
 
 

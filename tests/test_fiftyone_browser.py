@@ -1,6 +1,6 @@
 """The real FiftyOne App in headless Chromium: the Neuron map panel opens with the layout, a click on a
 unit shows its top patches in the grid, a lasso selection is labelled in one action and lands in the
-concept store.
+concept store; the workspace saved with the neurons dataset opens FiftyOne's own Embeddings panel on them.
 
 Screenshots are kept in the test's folder; with ``MAMMO_UPDATE_SCREENSHOTS=1`` they also replace
 ``docs/img/fiftyone_*.png`` (so a CI run leaves the tracked pictures alone)."""
@@ -42,6 +42,14 @@ def browser():
     d.quit()
 
 
+@pytest.fixture(scope="module")
+def app(fo_pipeline, fo_app):
+    """ONE App for the module, started on the patches dataset with the neuron-map layout. The App's server
+    holds one state for every page, so the tests that open another dataset come after those that need
+    the launch state."""
+    return fo_app(fo_pipeline.ws, fo_pipeline.patches.name)
+
+
 def _wait(predicate, timeout=60.0, step=0.25, d=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -66,6 +74,29 @@ def _shot(d, shots: Path, name: str) -> Path:
     return path
 
 
+def _dismiss_popups(d) -> None:
+    """Close FiftyOne's own advertising pop-ups (they open a while after the page, over the panels)."""
+    from selenium.webdriver.common.by import By
+
+    for dismiss in d.find_elements(By.XPATH, "//button[normalize-space()='Dismiss']"):
+        d.execute_script("arguments[0].click()", dismiss)
+    time.sleep(0.5)
+
+
+def _click_past_popups(d, element, timeout: float = 20.0) -> None:
+    from selenium.common.exceptions import ElementClickInterceptedException
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            element.click()
+            return
+        except ElementClickInterceptedException:
+            if time.monotonic() > deadline:
+                raise
+            _dismiss_popups(d)
+
+
 def _lasso_box(points: dict[int, list[float]], area: list[float]):
     """A box inside the plot area around some unit, holding 2+ points, none within 5 px of its border."""
     for centre in sorted(points):
@@ -83,9 +114,9 @@ def _lasso_box(points: dict[int, list[float]], area: list[float]):
     raise AssertionError(f"no clean lasso box among {points}")
 
 
-def test_neuron_map_click_lasso_and_label_in_the_real_app(fo_pipeline, fo_app, browser, tmp_path):
+def test_neuron_map_click_lasso_and_label_in_the_real_app(fo_pipeline, app, browser, tmp_path):
     try:
-        _drive_the_app(fo_pipeline, fo_app, browser, tmp_path)
+        _drive_the_app(fo_pipeline, app, browser, tmp_path)
     finally:  # the pipeline workspace is shared: leave its labels as they were
         with ConceptStore(fo_pipeline.ws) as store:
             if store.find_concept("Browser concept") is not None:
@@ -93,13 +124,12 @@ def test_neuron_map_click_lasso_and_label_in_the_real_app(fo_pipeline, fo_app, b
                                     concept="Browser concept", by="test-cleanup", source="api")
 
 
-def _drive_the_app(fo_synced, fo_app, browser, shots: Path):
+def _drive_the_app(fo_synced, app, browser, shots: Path):
     from fiftyone import ViewField as F
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
     d = browser
-    app = fo_app(fo_synced.ws, fo_synced.patches.name)
     d.get(app.url)
     _wait(lambda: d.execute_script("return document.querySelectorAll('.js-plotly-plot').length"))
     _wait(lambda: "units of" in _body(d))
@@ -158,3 +188,35 @@ def _drive_the_app(fo_synced, fo_app, browser, shots: Path):
     assert max(mine["size"]) <= 18
     time.sleep(1.0)
     _shot(d, shots, "fiftyone_labelled.png")
+
+
+def test_saved_workspace_shows_the_neurons_in_the_apps_embeddings_panel(fo_pipeline, app, browser, tmp_path):
+    """FiftyOne's own Embeddings panel, in the layout saved with the neurons dataset (workspace
+    ``mammo-dissect``: what a curator's own App on a shared database opens), draws one point per unit from
+    the brain run ``neuron_pca``. Last in the module: it moves the App to the neurons dataset."""
+    from PIL import Image
+    from scipy import ndimage
+    from selenium.webdriver.common.by import By
+
+    from fiftyone_plugins.sync import NEURON_MAP_KEY, WORKSPACE_NAME
+
+    d = browser
+    n_units = fo_pipeline.run.n_units
+    assert len(fo_pipeline.neurons) == n_units
+    # the App loads the saved workspace the URL names (the server's initializer, events/initialize.py)
+    d.get(f"{app.url}datasets/{fo_pipeline.neurons.name}?workspace={WORKSPACE_NAME}")
+    # the panel lists the dataset's visualizations; FiftyOne 1.22's panel opens none from saved state
+    run = _wait(lambda: d.find_elements(By.XPATH, f"//*[normalize-space()='{NEURON_MAP_KEY}']"), d=d)
+    _click_past_popups(d, run[-1])
+    _wait(lambda: re.search(rf"^{n_units} points$", _body(d), re.M), d=d)
+    assert NEURON_MAP_KEY in d.find_element(By.CSS_SELECTOR, ".emb-plot-title").text
+    time.sleep(1.0)
+    _dismiss_popups(d)
+    shot = _shot(d, tmp_path, "fiftyone_embeddings_panel.png")
+    # "N points" counts the points the panel loaded; that they are drawn is seen in the picture (a WebGL
+    # canvas, no Plotly data to read): orange dots on the grey plot, many apart (some overlap in clusters)
+    box = d.execute_script("const r = document.querySelector('.emb-plot canvas').getBoundingClientRect();"
+                           "const s = window.devicePixelRatio; return [r.left * s, r.top * s, r.right * s, r.bottom * s];")
+    plot = np.asarray(Image.open(shot).convert("RGB").crop(tuple(int(v) for v in box)), dtype=int)
+    _labels, dots = ndimage.label(plot[..., 0] - plot[..., 2] > 60)
+    assert dots >= n_units // 4, dots

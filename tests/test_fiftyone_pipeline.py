@@ -63,4 +63,3 @@ def test_the_neuron_map_is_a_fiftyone_visualization_and_the_layout_is_saved(fo_p
     layout = neurons.load_workspace(WORKSPACE_NAME)
     panels = {child.type: child for child in layout.children}
     assert set(panels) == {"Samples", "Embeddings"}
-    assert panels["Embeddings"].state["brainResult"] == NEURON_MAP_KEY

@@ -3,12 +3,18 @@ through ``fiftyone.operators.execute_operator`` exactly as the App and Python us
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
 import time
+import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fiftyone_plugins import PLUGIN_NAME, operator_uri
+from fiftyone_plugins import PLUGIN_DIR, PLUGIN_NAME, operator_uri
 from workspace.dissect.concepts import ConceptStore
 
 pytestmark = pytest.mark.fiftyone
@@ -106,6 +112,60 @@ def test_plugin_is_discovered_with_its_operators(fo_db):
     uris = {op.uri for op in foo.list_operators()}
     for name in ("label_units", "create_concept", "show_unit_patches", "refresh_from_store", "neuron_map"):
         assert f"{PLUGIN_NAME}/{name}" in uris
+
+
+# What FiftyOne finds in a plugins folder holding only a copy of ours, run in the App server's own folder
+# (``fiftyone/server/`` is ``sys.path[0]`` there, whose ``workspace.py`` shadows our package).
+PLAIN_INSTALL_PROBE = """
+import json
+import fiftyone.operators as foo
+import fiftyone.plugins as fop
+found = [p.name for p in fop.list_plugins()]
+plugin = fop.get_plugin("@mammo/dissect")
+info = dict(plugin.to_dict(), directory=plugin.directory)
+registered = sorted(o.uri for o in foo.list_operators() if o.plugin_name == "@mammo/dissect")
+print(json.dumps({"found": found, "info": info, "registered": registered}))
+"""
+
+
+def test_plugin_installs_the_fiftyone_way_from_a_plain_plugins_dir(fo_db, tmp_path):
+    """A copy of the plugin folder in a bare ``FIFTYONE_PLUGINS_DIR`` (no launcher, no link, no
+    ``PYTHONPATH``) is found by FiftyOne with its operators and panel, the project's licence and version,
+    and ``fiftyone plugins requirements`` names the package that holds its code."""
+    import fiftyone.server
+
+    plugins_dir = tmp_path / "plugins"
+    shutil.copytree(PLUGIN_DIR, plugins_dir / "mammo_dissect", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "home").mkdir()
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path / "home"),
+           "FIFTYONE_PLUGINS_DIR": str(plugins_dir), "FIFTYONE_DATABASE_URI": fo_db.uri,
+           "FIFTYONE_DATABASE_VALIDATION": "false", "FIFTYONE_DO_NOT_TRACK": "true"}
+    server_dir = Path(fiftyone.server.__file__).parent
+    probe = subprocess.run([sys.executable, "-c", PLAIN_INSTALL_PROBE], cwd=server_dir, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    seen = json.loads(probe.stdout.strip().splitlines()[-1])
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    info = seen["info"]
+    assert PLUGIN_NAME in seen["found"]
+    assert info["directory"] == str(plugins_dir / "mammo_dissect")
+    assert info["license"] == project["license"] == "Apache-2.0"
+    assert info["version"] == project["version"]
+    assert info["author"] and info["url"] is None
+    operators = ["label_units", "create_concept", "show_unit_patches", "refresh_from_store"]
+    assert info["operators"] == operators and info["panels"] == ["neuron_map"] and info["has_py"]
+    # the plugin's code was imported and registered, not only its fiftyone.yml read
+    assert seen["registered"] == sorted(operator_uri(n) for n in [*operators, "neuron_map"])
+
+    cli = subprocess.run([str(Path(sys.executable).with_name("fiftyone")), "plugins", "requirements", PLUGIN_NAME,
+                          "--print", "--ensure", "--error-level", "0"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    printed = cli.stdout.splitlines()
+    assert f"{project['name']}=={project['version']}" in printed      # what --install would install
+    assert any(line.startswith("fiftyone>=") for line in printed)
+    # --ensure: that requirement is the distribution this environment has installed
+    assert f"Requirement satisfied: {project['name']}=={project['version']}" in cli.stdout + cli.stderr
 
 
 def test_label_units_operator_writes_the_store_and_the_dataset(fo_synced):

@@ -1,6 +1,7 @@
 """The project installs the way Python projects install: a wheel built from the repository, into a fresh
 virtual environment, gives a working ``mammo`` with its package data (the shipped model and its card, the
-FiftyOne plugin's ``fiftyone.yml``, the LICENSE), and every third-party package the code imports is declared.
+FiftyOne plugin's ``fiftyone.yml`` and ``requirements.txt``, the LICENSE), and every third-party package the
+code imports is declared.
 
 The fresh environment borrows the already installed dependencies through a path entry (not the repository's
 editable install: ``.pth`` files of a borrowed folder are not processed), so the test checks the wheel itself
@@ -60,9 +61,10 @@ def test_the_wheel_gives_a_working_mammo_with_its_data(installed, tmp_path):
              "from pathlib import Path\n"
              "from models.checkpoint import SHIPPED_DEMO, load_checkpoint\n"
              "loaded = load_checkpoint(SHIPPED_DEMO, device='cpu')\n"
-             "plugin = Path(fiftyone_plugins.__file__).parent / 'mammo_dissect' / 'fiftyone.yml'\n"
+             "plugin = Path(fiftyone_plugins.__file__).parent / 'mammo_dissect'\n"
              "print(json.dumps({'models': models.__file__, 'weights': str(SHIPPED_DEMO), 'digest': loaded.digest,\n"
-             "                  'card': loaded.card.trained, 'plugin': plugin.is_file()}))\n")
+             "                  'card': loaded.card.trained,\n"
+             "                  'plugin': all((plugin / f).is_file() for f in ('fiftyone.yml', 'requirements.txt'))}))\n")
     out = _run(installed, python, "-c", probe, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     found = json.loads(out.stdout.strip().splitlines()[-1])

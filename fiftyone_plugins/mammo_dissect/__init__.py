@@ -16,6 +16,7 @@ cleared with the button. Inputs are cleared after use (panel state persists acro
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -23,14 +24,28 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 
+def _project_root() -> Path:
+    """The folder holding this project's packages: where Python finds ``fiftyone_plugins`` (the installed
+    ``mammo-dissect``, or the checkout on ``PYTHONPATH`` as ``mammo up`` starts the App), else the checkout
+    this folder is linked from. Found from the package, not from this file: the FiftyOne way to install a
+    plugin copies its folder."""
+    spec = importlib.util.find_spec("fiftyone_plugins")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0]).parent
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "fiftyone_plugins").is_dir():
+        return checkout
+    raise ImportError("the @mammo/dissect plugin needs the mammo-dissect package: "
+                      "fiftyone plugins requirements @mammo/dissect --install")
+
+
 def _project_importable() -> None:
     """Let the App's server process import this project.
 
     The server runs with ``fiftyone/server/`` as ``sys.path[0]``, whose ``workspace.py`` shadows our
-    ``workspace`` package; the plugin folder is reached through a symlink, so the project root is
-    found from the resolved path.
+    ``workspace`` package; the project root is put first.
     """
-    root = str(Path(__file__).resolve().parents[2])
+    root = str(_project_root())
     shadow = sys.modules.get("workspace")
     if shadow is not None and not hasattr(shadow, "__path__"):
         del sys.modules["workspace"]
