@@ -75,6 +75,27 @@ def play(endpoint: str, headers: Callable[[], dict], tasks: list[dict], shapes: 
             "first_error": errors[0] if errors else None}
 
 
+def backend_rss_mb(pid: int) -> int:
+    """Resident memory of the backend: gunicorn's master and its workers."""
+    import psutil
+
+    master = psutil.Process(pid)
+    return round(sum(p.memory_info().rss for p in [master, *master.children(recursive=True)]) / 2**20)
+
+
+def masks_mb(ws, loaded, run, image_ids: list[str]) -> list[float]:
+    """What the backend's mask cache holds per image once every patch is built (here, in this process)."""
+    from workspace.dissect.query import image_masks_for
+
+    sizes = []
+    for image_id in image_ids:
+        masks = image_masks_for(ws, image_id, loaded, run)
+        for p in range(len(masks.boxes)):
+            masks.own_area(p)
+        sizes.append(round(masks.nbytes / 2**20, 1))
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=10, help="4 images each (default 10: 40 tasks)")
@@ -91,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     services = []
     try:
         ws, loaded, run = build_workspace(root / "ws", args.patients)
-        server, _backend, project, headers, tasks = start_stack(ws, loaded, run, services, threads=args.threads)
+        server, backend, project, headers, tasks = start_stack(ws, loaded, run, services, threads=args.threads)
         db = open_catalog(ws)
         shapes = {t["data"]["image_id"]: (int(r["rows"]), int(r["cols"]))
                   for t in tasks for r in [get_image(db, t["data"]["image_id"])]}
@@ -108,15 +129,19 @@ def main(argv: list[str] | None = None) -> int:
                    "backend_threads": args.threads, "runs": []}
         for readers in args.readers:
             found = play(endpoint, headers, tasks, shapes, readers, args.asks)
+            found["backend_rss_mb"] = backend_rss_mb(backend.pid)
             results["runs"].append(found)
             print(json.dumps(found), flush=True)
+        results["masks_mb_per_image"] = masks_mb(ws, loaded, run, [t["data"]["image_id"] for t in tasks[:5]])
+        print(f"patch masks of a fully built image: {results['masks_mb_per_image']} MB (the backend keeps "
+              "MAMMO_MASK_CACHE_MB of them)", flush=True)
         print()
-        print(f"| readers | answers | p50 | p95 | answers/s | answer size | ({len(tasks)} cached tasks, "
-              f"{os.cpu_count()} CPUs) |")
-        print("|---|---|---|---|---|---|---|")
+        print(f"| readers | answers | p50 | p95 | answers/s | answer size | backend memory | ({len(tasks)} cached "
+              f"tasks, {os.cpu_count()} CPUs) |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in results["runs"]:
             print(f"| {r['readers']} | {r['answers']} ({r['errors']} errors) | {r['p50_ms']:.0f} ms | "
-                  f"{r['p95_ms']:.0f} ms | {r['answers_per_s']} | {r['answer_kb']} KB | |")
+                  f"{r['p95_ms']:.0f} ms | {r['answers_per_s']} | {r['answer_kb']} KB | {r['backend_rss_mb']} MB | |")
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
     finally:

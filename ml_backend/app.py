@@ -136,9 +136,13 @@ class Backend:
         self._warming.add(image_id)
 
         def work() -> None:
+            from workspace.dissect.query import still_cached
+
             try:
                 masks = self.image_masks(image_id)
                 for p in range(len(masks.boxes)):
+                    if not still_cached(masks):   # dropped for images asked since: no work for nothing
+                        break
                     masks.patch(p)
                     masks.own_area(p)
             except Exception:  # noqa: BLE001 - a warm-up failure only costs speed; the request path reports errors

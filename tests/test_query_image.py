@@ -169,6 +169,38 @@ def test_query_on_a_read_reuses_its_maps_without_a_second_forward_pass(dissected
     np.testing.assert_allclose(np.asarray(read.maps[result.patches[0]], np.float32), fresh, rtol=2e-3, atol=2e-3)
 
 
+def test_the_mask_cache_keeps_what_fits_its_memory_budget(dissected, monkeypatch):
+    """The images' patch masks are kept up to ``MAMMO_MASK_CACHE_MB``, least recently asked dropped first,
+    counted in bytes as they grow (lazily built patches included); the image asked last always stays."""
+    from workspace.base.catalog import open_catalog
+    from workspace.dissect import query
+
+    ws, _path, loaded, run = dissected
+    ids = [r["image_id"] for r in open_catalog(ws).query("SELECT image_id FROM images ORDER BY image_id")][:3]
+    monkeypatch.setattr(query, "_IMAGE_CACHE", type(query._IMAGE_CACHE)())
+    built = []
+    for image_id in ids:
+        masks = query.image_masks_for(ws, image_id, loaded, run)
+        for p in range(len(masks.boxes)):
+            masks.patch(p)
+            masks.owned(p)
+        built.append(masks)
+    sizes = [m.nbytes for m in built]
+    assert all(size > 0 for size in sizes)
+    assert sizes[0] == sum(pm.nbytes for pm in built[0]._patch.values()) + sum(o.nbytes for o in built[0]._own.values())
+    # room for the last two images only: asking again drops the first
+    monkeypatch.setenv("MAMMO_MASK_CACHE_MB", str((sizes[1] + sizes[2] + 1) / 2**20))
+    assert query.image_masks_for(ws, ids[2], loaded, run) is built[2]
+    assert [query.still_cached(m) for m in built] == [False, True, True]
+    # a budget smaller than one image keeps the image asked last
+    monkeypatch.setenv("MAMMO_MASK_CACHE_MB", "0.001")
+    assert query.image_masks_for(ws, ids[1], loaded, run) is built[1]
+    assert [query.still_cached(m) for m in built] == [False, True, False]
+    monkeypatch.setenv("MAMMO_MASK_CACHE_MB", "lots")
+    with pytest.raises(QueryError, match="MAMMO_MASK_CACHE_MB"):
+        query.image_masks_for(ws, ids[0], loaded, run)
+
+
 def test_mammo_query_cli(dissected, tmp_path, capsys):
     from workspace.app.cli import main
 

@@ -30,6 +30,7 @@ Masks and maps come back in full-image coordinates.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -366,6 +367,12 @@ class ImageMasks:
         self._own: dict[int, np.ndarray] = {}
         self._own_area: dict[int, np.ndarray] = {}
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the masks built so far and the patches' owned regions (not the maps)."""
+        return (sum(pm.nbytes for pm in list(self._patch.values()))
+                + sum(own.nbytes for own in list(self._own.values())))
+
     def patch(self, p: int) -> PatchMasks:
         if p not in self._patch:
             self._patch[p] = PatchMasks.from_maps(np.asarray(self.maps[p]), self.thresholds, self.size,
@@ -469,7 +476,32 @@ class ImageMasks:
 
 
 _IMAGE_CACHE: OrderedDict[tuple, ImageMasks] = OrderedDict()
-IMAGE_CACHE_SIZE = 4
+MASK_CACHE_MB = 1024   # the images' patch masks kept in memory, least recently asked dropped first
+
+
+def mask_cache_bytes() -> int:
+    """The memory the cached masks may hold: ``MAMMO_MASK_CACHE_MB`` (megabytes), else :data:`MASK_CACHE_MB`.
+    A fully built image of the demo's full-size films holds 25 to 50 MB (`bench/bench_readers.py` prints it)."""
+    raw = os.environ.get("MAMMO_MASK_CACHE_MB", "")
+    try:
+        mb = float(raw) if raw else MASK_CACHE_MB
+    except ValueError as error:
+        raise QueryError(f"MAMMO_MASK_CACHE_MB={raw!r}: expected a number of megabytes") from error
+    return int(mb * 2**20)
+
+
+def still_cached(masks: ImageMasks) -> bool:
+    """Whether these masks are still in the cache (a background warm-up stops once they are dropped)."""
+    return any(m is masks for m in list(_IMAGE_CACHE.values()))
+
+
+def _trim_cache() -> None:
+    """Drop the least recently asked images until the rest fit the budget (the newest always stays)."""
+    budget = mask_cache_bytes()
+    total = sum(m.nbytes for m in _IMAGE_CACHE.values())
+    while len(_IMAGE_CACHE) > 1 and total > budget:
+        _key, dropped = _IMAGE_CACHE.popitem(last=False)
+        total -= dropped.nbytes
 
 
 def image_masks_for(ws: Any, image_id: str, loaded: Any, run: Any, *, read: Any = None) -> ImageMasks:
@@ -483,6 +515,7 @@ def image_masks_for(ws: Any, image_id: str, loaded: Any, run: Any, *, read: Any 
     cached = _IMAGE_CACHE.get(key)
     if cached is not None and (read is None or np.array_equal(cached.boxes, np.asarray(read.boxes).reshape(-1, 4))):
         _IMAGE_CACHE.move_to_end(key)
+        _trim_cache()   # masks grow after they are cached (lazily, and by warm-ups)
         return cached
     if read is None:
         from models.inference import read_mammogram
@@ -495,8 +528,7 @@ def image_masks_for(ws: Any, image_id: str, loaded: Any, run: Any, *, read: Any 
     masks = ImageMasks(read.boxes, read.maps, run.thresholds, tuple(read.shape),
                        device=getattr(loaded, "device", None))
     _IMAGE_CACHE[key] = masks
-    while len(_IMAGE_CACHE) > IMAGE_CACHE_SIZE:
-        _IMAGE_CACHE.popitem(last=False)
+    _trim_cache()
     return masks
 
 
