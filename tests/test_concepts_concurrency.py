@@ -104,7 +104,8 @@ def _relabeller(path: str, worker: int, start, middle, results) -> None:
 
 def test_racing_relabels_keep_a_consistent_history(ws):
     """Both processes relabel the same units: every event's 'before' is the previous event's 'after'
-    (no lost update), same-concept writes leave no event, and replaying the history gives the labels."""
+    (no lost update), same-concept writes change nothing (a confirm records the other process agreeing),
+    and replaying the history gives the labels."""
     outcome = _race(ws, _relabeller)
     assert [e for o in outcome for e in o[1]] == []
 
@@ -113,6 +114,9 @@ def test_racing_relabels_keep_a_consistent_history(ws):
     last: dict[int, int | None] = {}
     for e in events:
         assert e.concept_before == last.get(e.unit)
+        if e.action == "confirm":
+            assert e.concept_after == e.concept_before
+            continue
         assert e.concept_after != e.concept_before
         assert e.action == ("add" if e.concept_before is None else "relabel")
         last[e.unit] = e.concept_after

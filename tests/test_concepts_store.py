@@ -82,9 +82,12 @@ def test_empty_concept_name_rejected_nothing_written(store, name):
 def test_group_label_relabel_and_noop(store):
     assert store.label_units(MODEL, LAYER, [1, 2, 3], "mass", by="alice", source="labelstudio") == 3
     assert counts(store) == {"mass": 3}
-    # same concept again: no change, no event
+    # same concept again: no change; another reader's agreement is recorded (a confirm), a repeat is not
     assert store.label_units(MODEL, LAYER, [1, 2], "MASS", by="bob", source="cli") == 0
-    assert len(store.history()) == 3
+    assert store.label_units(MODEL, LAYER, [1, 2], "mass", by="alice", source="cli") == 0
+    assert [e.action for e in store.history()] == ["add"] * 3 + ["confirm"] * 2
+    assert store.label_units(MODEL, LAYER, [1, 2], "mass", by="bob", source="cli") == 0
+    assert len(store.history()) == 5
     # one concept per unit: 3 moves to calcification (relabel), 4 is new (add)
     assert store.label_units(MODEL, LAYER, "3-4", "calcification", by="bob", source="fiftyone") == 2
     labels = store.labels(MODEL, LAYER)
@@ -92,7 +95,7 @@ def test_group_label_relabel_and_noop(store):
     assert counts(store) == {"calcification": 2, "mass": 2}
     assert store.units_of("Mass", MODEL, LAYER) == [1, 2]
     events = store.history()
-    assert [(e.unit, e.action, e.name_before, e.name_after) for e in events[3:]] == [
+    assert [(e.unit, e.action, e.name_before, e.name_after) for e in events[5:]] == [
         (3, "relabel", "mass", "calcification"), (4, "add", None, "calcification")]
     rows = {r.unit: r for r in store.label_rows(MODEL, LAYER)}
     assert rows[1].labelled_by == "alice" and rows[1].source == "labelstudio" and rows[1].run_id == "run-1"

@@ -206,7 +206,7 @@ M3_CONCEPTS = ("""
             model_digest TEXT NOT NULL,
             layer TEXT NOT NULL,
             unit INTEGER NOT NULL,
-            action TEXT NOT NULL,                 -- add | relabel | remove
+            action TEXT NOT NULL,                 -- add | relabel | remove (| confirm, since migration 9)
             concept_before INTEGER,
             concept_after INTEGER,
             actor TEXT NOT NULL,
@@ -272,6 +272,20 @@ M8_MODALITY = ("""
         """)
 
 
+M9_TEAM_RULES = ("""
+        -- Settings a labelling team shares, e.g. which label a report uses when readers disagree
+        -- (key 'label_rule': 'latest' or 'majority'; workspace.dissect.agreement).
+        CREATE TABLE team_settings (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL,
+            set_by TEXT NOT NULL,
+            set_at TEXT NOT NULL
+        );
+        -- each reader's latest say on a unit (votes, agreement)
+        CREATE INDEX label_events_votes ON label_events(model_digest, layer, unit, actor, event_id);
+        """)
+
+
 MIGRATIONS: list[tuple[int, str, str]] = [
     (1, "catalog: patients, images, lesions, patches", M1_CATALOG),
     (2, "models, dissection runs, image reads", M2_RUNS),
@@ -281,6 +295,7 @@ MIGRATIONS: list[tuple[int, str, str]] = [
     (6, "images: domain features", M6_DOMAIN),
     (7, "models: load options", M7_MODEL_OPTIONS),
     (8, "images: modality", M8_MODALITY),
+    (9, "concept store: team settings, votes index", M9_TEAM_RULES),
 ]
 
 

@@ -8,7 +8,10 @@ Product decisions (keep them consistent everywhere):
 
 - **One concept per unit.** A unit of a (model, layer) carries at most one concept. Labelling an
   already-labelled unit with another concept is a *relabel* (recorded in the history); labelling it
-  with the concept it already has is a no-op (no event).
+  with the concept it already has changes no label, and is recorded as a *confirm* only when it is a
+  reader's first say for that concept on the unit (so agreement counts a second reader who agrees:
+  :mod:`workspace.dissect.agreement`). Which label reports use when readers disagree is the team's
+  **label rule** (:meth:`ConceptStore.rule`): the latest label (default) or the majority's.
 - **Names are unique ignoring case and whitespace.** The key of a name is its words joined by one
   space, case-folded: ``" Mass "``, ``"mass"`` and ``"MASS"`` are one concept. Creating a concept
   whose key exists returns the existing concept unchanged (a merge, never an error): the first
@@ -48,7 +51,7 @@ from workspace.base.schema import connect, utc_now
 T = TypeVar("T")
 
 SOURCES = ("labelstudio", "fiftyone", "cli", "api")
-ACTIONS = ("add", "relabel", "remove")
+ACTIONS = ("add", "relabel", "remove", "confirm")
 
 # Okabe & Ito's colour-blind-safe palette (black left out: it reads as "no colour" on a chart),
 # ordered so that neighbours differ in lightness as well as hue.
@@ -532,9 +535,13 @@ class ConceptStore:
                 [scope.model_digest, scope.layer, *unit_list]).fetchall())
             now = utc_now()
             changed = 0
+            said = self._votes_of(conn, scope, actor, unit_list)
             for unit in unit_list:
                 before = current.get(unit)
                 if before == target.concept_id:
+                    if said.get(unit) != target.concept_id:   # another reader's label, agreed with: a vote
+                        self._event(conn, scope, unit, "confirm", before, before, actor, now, query_id, source,
+                                    note)
                     continue
                 conn.execute(
                     "INSERT INTO neuron_labels (model_digest, layer, unit, concept_id, run_id, labelled_by, "
@@ -605,6 +612,17 @@ class ConceptStore:
         return self._write(work)
 
     @staticmethod
+    def _votes_of(conn: sqlite3.Connection, scope: _Scope, actor: str, units: list[int]) -> dict[int, int | None]:
+        """``actor``'s latest say on each of ``units`` that they said something about: a concept id, or None
+        after their remove."""
+        rows = conn.execute(
+            "SELECT unit, action, concept_after FROM label_events e WHERE model_digest = ? AND layer = ? "
+            f"AND actor = ? AND unit IN ({','.join('?' * len(units))}) AND event_id = (SELECT MAX(event_id) "
+            "FROM label_events WHERE model_digest = e.model_digest AND layer = e.layer AND unit = e.unit "
+            "AND actor = e.actor)", [scope.model_digest, scope.layer, actor, *units]).fetchall()
+        return {int(unit): (None if action == "remove" else after) for unit, action, after in rows}
+
+    @staticmethod
     def _event(conn: sqlite3.Connection, scope: _Scope, unit: int, action: str, before: int | None,
                after: int | None, actor: str, at: str, query_id: int | None, source: str,
                note: str | None) -> None:
@@ -618,7 +636,14 @@ class ConceptStore:
         return {r[0]: _concept_from_row(r) for r in rows}
 
     def labels(self, model_digest: str, layer: str) -> dict[int, Concept]:
-        """The current labels of (model, layer): ``{unit: Concept}``, units ascending."""
+        """The labels of (model, layer) that reports use, by the team's :meth:`rule`: ``{unit: Concept}``,
+        units ascending (``latest``: the current labels; ``majority``: each unit's majority concept)."""
+        if self.rule() == "majority":
+            return self._majority(model_digest, layer)[0]
+        return self.current_labels(model_digest, layer)
+
+    def current_labels(self, model_digest: str, layer: str) -> dict[int, Concept]:
+        """The current labels of (model, layer), the last given: ``{unit: Concept}``, units ascending."""
         rows = self._read(
             f"SELECT l.unit, {', '.join('c.' + c.strip() for c in _CONCEPT_COLUMNS.split(','))} "
             "FROM neuron_labels l JOIN concepts c ON c.concept_id = l.concept_id "
@@ -635,10 +660,66 @@ class ConceptStore:
                 for r in rows]
 
     def labellers(self, model_digest: str, layer: str) -> dict[int, str]:
-        """Who gave each current label of (model, layer): ``{unit: labelled_by}`` (for reports)."""
+        """Who gave each label :meth:`labels` returns: ``{unit: labelled_by}`` (for reports; by the majority
+        rule, the readers who named the majority's concept, joined by ", ")."""
+        if self.rule() == "majority":
+            return self._majority(model_digest, layer)[1]
         rows = self._read("SELECT unit, labelled_by FROM neuron_labels WHERE model_digest = ? AND layer = ?",
                           [model_digest, layer])
         return {int(r[0]): r[1] for r in rows}
+
+    def votes(self, model_digest: str, layer: str) -> dict[int, dict[str, str]]:
+        """Each reader's latest say on each unit of (model, layer): ``{unit: {reader: concept name}}``, a
+        reader whose last word on a unit was a remove left out."""
+        names = {cid: c.name for cid, c in self._concepts_by_id().items()}
+        rows = self._read(
+            "SELECT unit, actor, action, concept_after FROM label_events e WHERE model_digest = ? AND layer = ? "
+            "AND event_id = (SELECT MAX(event_id) FROM label_events WHERE model_digest = e.model_digest AND "
+            "layer = e.layer AND unit = e.unit AND actor = e.actor) ORDER BY unit, actor", [model_digest, layer])
+        out: dict[int, dict[str, str]] = {}
+        for unit, actor, action, after in rows:
+            if action != "remove" and after in names:
+                out.setdefault(int(unit), {})[actor] = names[after]
+        return out
+
+    def agreement(self, model_digest: str, layer: str):
+        """Agreement between the readers of (model, layer): :func:`workspace.dissect.agreement.agreement`."""
+        from workspace.dissect.agreement import agreement
+
+        return agreement(self.votes(model_digest, layer), rule=self.rule())
+
+    def _majority(self, model_digest: str, layer: str) -> tuple[dict[int, Concept], dict[int, str]]:
+        from workspace.dissect.agreement import UnitVotes
+
+        by_key = {c.key: c for c in self._concepts_by_id().values()}
+        labels, by = {}, {}
+        for unit, votes in sorted(self.votes(model_digest, layer).items()):
+            name = UnitVotes(unit, votes).majority()
+            if name is not None:
+                labels[unit] = by_key[concept_key(name)]
+                by[unit] = ", ".join(sorted(r for r, n in votes.items() if n == name))
+        return labels, by
+
+    # -- the team's rule ---------------------------------------------------------------------
+    def rule(self) -> str:
+        """The team's label rule: ``latest`` (default) or ``majority`` (:mod:`workspace.dissect.agreement`)."""
+        from workspace.dissect.agreement import DEFAULT_RULE
+
+        rows = self._read("SELECT value FROM team_settings WHERE key = 'label_rule'")
+        return rows[0][0] if rows else DEFAULT_RULE
+
+    def set_rule(self, rule: str, *, by: str) -> str:
+        """Set the team's label rule (every surface's reports follow it from their next read)."""
+        from workspace.dissect.agreement import RULES
+
+        if rule not in RULES:
+            raise ConceptError(f"label rule {rule!r}: expected one of {', '.join(RULES)}")
+        actor = _actor(by)
+        self._write(lambda conn: conn.execute(
+            "INSERT INTO team_settings (key, value, set_by, set_at) VALUES ('label_rule', ?, ?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value, set_by = excluded.set_by, "
+            "set_at = excluded.set_at", [rule, actor, utc_now()]))
+        return rule
 
     def units_of(self, concept: str | int | Concept, model_digest: str, layer: str) -> list[int]:
         """The units of (model, layer) labelled with ``concept`` (ascending)."""

@@ -1,8 +1,11 @@
-"""``mammo concepts``: the concept store from the command line (list, create, label, remove, history).
+"""``mammo concepts``: the concept store from the command line (list, create, label, remove, history, agreement,
+rule).
 
 Units are those of one dissected (model, layer): ``--run RUN_ID``, or ``--model DIGEST --layer NAME``,
 or by default the newest complete dissection run of the workspace. One concept per unit: labelling a
-labelled unit with another concept relabels it (the history keeps both).
+labelled unit with another concept relabels it (the history keeps both). ``agreement`` shows how readers
+agree (per unit, per concept, Cohen's and Fleiss' kappa); ``rule`` shows or sets the team's label rule (the
+label reports use when readers disagree: latest or majority).
 """
 
 from __future__ import annotations
@@ -126,6 +129,21 @@ def _run(args: argparse.Namespace) -> int:
                             ["#", "at", "action", "unit", "before", "after", "by", "source", "query"],
                             lambda e: [str(e.event_id), e.at, e.action, str(e.unit), e.name_before or "-",
                                        e.name_after or "-", e.actor, e.source, str(e.query_id or "")])
+        if args.action == "agreement":
+            model, layer, run_id = _scope(args, store.db)
+            found = store.agreement(model, layer)
+            if args.json:
+                print(json.dumps(found.to_dict(), indent=2))
+                return 0
+            print(f"agreement on {layer}, model {model[:12]}")
+            print(found.to_text(max_disputed=args.limit))
+            return 0
+
+        if args.action == "rule":
+            if args.rule:
+                store.set_rule(args.rule, by=by)
+            print(f"label rule: {store.rule()}")
+            return 0
     finally:
         store.close()
     return 2
@@ -133,7 +151,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers, parents) -> None:
     parser = subparsers.add_parser(
-        "concepts", parents=parents, help="concepts and neuron labels: list, create, label, remove, history",
+        "concepts", parents=parents,
+        help="concepts and neuron labels: list, create, label, remove, history, agreement, rule",
         description="The concept store. One concept per unit; names are unique ignoring case and spaces; "
                     "every change is kept in an append-only history.")
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -176,4 +195,15 @@ def add_parser(subparsers, parents) -> None:
     history.add_argument("--at", metavar="TIME", help="show the labels as they were at this ISO 8601 time")
     history.add_argument("--limit", type=int, metavar="N", help="the last N changes")
     history.add_argument("--json", action="store_true", help="print JSON")
+
+    agreement = actions.add_parser("agreement", parents=parents,
+                                   help="how readers agree: per unit and concept, Cohen's and Fleiss' kappa")
+    scoped(agreement)
+    agreement.add_argument("--limit", type=int, default=20, metavar="N", help="disputed units shown (default 20)")
+    agreement.add_argument("--json", action="store_true", help="print JSON")
+
+    rule = actions.add_parser("rule", parents=parents, help="show or set the label reports use when readers "
+                                                            "disagree (latest, the default, or majority)")
+    rule.add_argument("rule", nargs="?", choices=("latest", "majority"))
+    rule.add_argument("--by", metavar="WHO", help="default: $MAMMO_USER or $USER")
     parser.set_defaults(func=_run)
