@@ -8,7 +8,7 @@ Studio's backend, the CLI) wrote a moment ago.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from workspace.base.config import Workspace
@@ -19,6 +19,7 @@ BASE_SIZE = 10
 ALIGNED_SIZE = 18
 SELECTED_SIZE = 16
 SELECTED_LINE = "#ffffff"
+DISPUTED_LINE = "#ff2a2a"   # a ring around units whose readers named different concepts
 
 
 class PluginError(MammoError):
@@ -99,6 +100,7 @@ class MapPoints:
     aligned: set[int]
     query_label: str
     explained_variance: list[float]
+    disputed: dict[int, dict[str, str]] = field(default_factory=dict)   # unit -> {reader: concept}
 
 
 def map_points(mc: MapContext) -> MapPoints:
@@ -109,6 +111,7 @@ def map_points(mc: MapContext) -> MapPoints:
     with ConceptStore(mc.ws) as store:
         labels = store.labels(mc.model_digest, mc.layer)
         query = store.latest_query(mc.model_digest, mc.layer)
+        disputed = {u.unit: u.votes for u in store.agreement(mc.model_digest, mc.layer).disputed}
     iou = dict(query.ranking) if query is not None else {}
     aligned = {int(u) for u in query.aligned} if query is not None else set()
     query_label = ""
@@ -120,7 +123,7 @@ def map_points(mc: MapContext) -> MapPoints:
     return MapPoints(units=[int(u) for u in units], x=list(xs), y=list(ys), concept=concept, colour=colour,
                      iou=[iou.get(int(u)) if query is not None else None for u in units], aligned=aligned,
                      query_label=query_label,
-                     explained_variance=list(mc.meta.get("explained_variance") or []))
+                     explained_variance=list(mc.meta.get("explained_variance") or []), disputed=disputed)
 
 
 def scatter(points: MapPoints, selected: set[int] | None = None) -> tuple[list[dict], dict]:
@@ -137,8 +140,10 @@ def scatter(points: MapPoints, selected: set[int] | None = None) -> tuple[list[d
         text = []
         for i in idx:
             iou = points.iou[i]
+            said = points.disputed.get(points.units[i])
             text.append(f"unit {points.units[i]}<br>concept: {points.concept[i] or 'unlabelled'}"
-                        f"<br>IoU: {'-' if iou is None else f'{iou:.2f}'}")
+                        f"<br>IoU: {'-' if iou is None else f'{iou:.2f}'}"
+                        + ("<br>disputed: " + "; ".join(f"{r}: {n}" for r, n in sorted(said.items())) if said else ""))
         traces.append({
             "type": "scattergl" if len(points.units) > 2000 else "scatter",
             "mode": "markers", "name": name or "unlabelled",
@@ -149,7 +154,8 @@ def scatter(points: MapPoints, selected: set[int] | None = None) -> tuple[list[d
                 "size": [SELECTED_SIZE + (4 if u in points.aligned else 0) if u in selected
                          else ALIGNED_SIZE if u in points.aligned else BASE_SIZE for u in units],
                 "opacity": 0.9,
-                "line": {"width": [2.5 if u in selected else 0 for u in units], "color": SELECTED_LINE},
+                "line": {"width": [2.5 if u in selected else 2.0 if u in points.disputed else 0 for u in units],
+                         "color": [SELECTED_LINE if u in selected else DISPUTED_LINE for u in units]},
             },
         })
     ev = points.explained_variance

@@ -456,7 +456,8 @@ def _build_neuron_samples(fo: Any, ws: Workspace, run: Any, rows: list[dict], un
 
 # ------------------------------------------------------------------------------ concept labels
 def refresh_concepts(ws: Workspace, neurons_ds: Any) -> int:
-    """Copy the store's labels into the neurons dataset; returns how many units changed.
+    """Copy the store's labels (by the team's label rule) and which units are disputed (readers named different
+    concepts: ``disputed``, a field to filter on) into the neurons dataset; returns how many units changed.
 
     Only changed samples are written (a refresh with nothing new writes nothing). The App's colour
     scheme gives each concept its store colour.
@@ -470,19 +471,24 @@ def refresh_concepts(ws: Workspace, neurons_ds: Any) -> int:
         raise SyncError(f"dataset {neurons_ds.name} was not made by `mammo fiftyone sync`")
     with ConceptStore(ws) as store:
         labels = store.labels(meta["model_digest"], meta["layer"])
+        disputed = {u.unit for u in store.agreement(meta["model_digest"], meta["layer"]).disputed}
     if not neurons_ds.has_sample_field("concept"):
         neurons_ds.add_sample_field("concept", fo.EmbeddedDocumentField, embedded_doc_type=fo.Classification)
-    ids, units, current = neurons_ds.values(["id", "unit", "concept.label"])
-    changed_ids, new_values = [], []
-    for sample_id, unit, label in zip(ids, units, current, strict=True):
+    if not neurons_ds.has_sample_field("disputed"):
+        neurons_ds.add_sample_field("disputed", fo.BooleanField)
+    ids, units, current, was_disputed = neurons_ds.values(["id", "unit", "concept.label", "disputed"])
+    changed_ids, new_values, flags = [], [], []
+    for sample_id, unit, label, flag in zip(ids, units, current, was_disputed, strict=True):
         concept = labels.get(int(unit))
         wanted = concept.name if concept else None
-        if wanted != label:
+        if wanted != label or bool(flag) != (int(unit) in disputed):
             changed_ids.append(sample_id)
             new_values.append(fo.Classification(label=wanted) if wanted else None)
+            flags.append(int(unit) in disputed)
     if changed_ids:
         view = neurons_ds.select(changed_ids, ordered=True)
         view.set_values("concept", new_values)
+        view.set_values("disputed", flags)
     _apply_colours(fo, neurons_ds, {c.name: c.colour for c in labels.values()})
     return len(changed_ids)
 

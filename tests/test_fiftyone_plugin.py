@@ -324,3 +324,64 @@ def test_panel_report_view_for_the_selected_patch(fo_synced):
     assert bars["x"][row] == pytest.approx(float(np.mean(acts / thr)), rel=1e-5)
     iou_bars = _find(rendered, "report_1")["view"]["data"][0]
     assert iou_bars["x"][iou_bars["y"].index("Report concept (2)")] == pytest.approx(0.4)
+
+
+def test_disputed_units_on_the_map_and_in_the_dataset(fo_synced, monkeypatch):
+    """Two readers (their labels as the Label Studio backend writes them) and a curator labelling through the
+    operator: units whose voters named different concepts get a red ring on the map, say who said what on
+    hover, and carry ``disputed`` in the neurons dataset; the team's majority rule then decides the map's
+    colours."""
+    from fiftyone import ViewField as F
+
+    from fiftyone_plugins.actions import DISPUTED_LINE
+
+    model, layer = fo_synced.run.model_digest, fo_synced.run.layer
+    with ConceptStore(fo_synced.ws) as store:   # three units nobody has said anything about yet
+        first, second, third = [u for u in range(16) if u not in store.votes(model, layer)][:3]
+        store.label_units(model, layer, [first, second], "Dispute mass", by="labelstudio:ana", source="labelstudio",
+                          n_units=16)
+        store.label_units(model, layer, [first], "Dispute calcification", by="labelstudio:ben", source="labelstudio",
+                          n_units=16)
+    monkeypatch.setenv("MAMMO_USER", "fiftyone:curator")
+    # the curator agrees with Ana on both: a relabel back, and a confirm
+    assert _execute("label_units", fo_synced.patches, units=f"{first},{second}", concept="Dispute mass").result == {"changed": 1}
+    with ConceptStore(fo_synced.ws) as store:
+        votes = store.votes(model, layer)
+        assert votes[first] == {"labelstudio:ana": "Dispute mass", "labelstudio:ben": "Dispute calcification",
+                             "fiftyone:curator": "Dispute mass"}
+        assert votes[second] == {"labelstudio:ana": "Dispute mass", "fiftyone:curator": "Dispute mass"}
+    _result, rendered, _patches, _requests = _panel(fo_synced.patches, "on_load")
+    plot = _find(rendered, "map")["view"]
+    ring = {}
+    for trace in plot["data"]:
+        for unit, width, colour, text in zip(trace["ids"], trace["marker"]["line"]["width"],
+                                             trace["marker"]["line"]["color"], trace["text"], strict=True):
+            ring[int(unit)] = (width, colour, text)
+    assert ring[first][0] > 0 and ring[first][1] == DISPUTED_LINE and "labelstudio:ben: Dispute calcification" in ring[first][2]
+    assert ring[second][0] == 0 and "disputed" not in ring[second][2]
+    assert "Red ring: 1 disputed unit(s)" in json.dumps(_find(rendered, "header"))
+    assert fo_synced.neurons.match(F("unit") == first).first().disputed is True
+    assert fo_synced.neurons.match(F("unit") == second).first().disputed is False
+    with ConceptStore(fo_synced.ws) as store:   # Ben disagrees on the second too; a third: Ana and Ben, one each
+        store.label_units(model, layer, [second, third], "Dispute calcification", by="labelstudio:ben",
+                          source="labelstudio", n_units=16)
+        store.label_units(model, layer, [third], "Dispute mass", by="labelstudio:ana", source="labelstudio",
+                          n_units=16)
+    try:
+        _execute("refresh_from_store", fo_synced.patches)
+        concept = {u: (c.label if c else None) for u, c in zip(*fo_synced.neurons.values(["unit", "concept"]),
+                                                                strict=True)}
+        assert (concept[first], concept[second], concept[third]) == ("Dispute mass", "Dispute calcification", "Dispute mass")
+        with ConceptStore(fo_synced.ws) as store:
+            store.set_rule("majority", by="lead")
+        _execute("refresh_from_store", fo_synced.patches)
+        # majority: the first two mass (2 of 3 each), the third a tie, so no label on the map
+        concept = {u: (c.label if c else None) for u, c in zip(*fo_synced.neurons.values(["unit", "concept"]),
+                                                                strict=True)}
+        assert (concept[first], concept[second], concept[third]) == ("Dispute mass", "Dispute mass", None)
+        assert fo_synced.neurons.match(F("unit").is_in([first, second, third])).values("disputed") == [True] * 3
+    finally:
+        with ConceptStore(fo_synced.ws) as store:
+            store.set_rule("latest", by="lead")
+            store.remove_labels(model, layer, [first, second, third], by="test-cleanup", source="api")
+        _execute("refresh_from_store", fo_synced.patches)

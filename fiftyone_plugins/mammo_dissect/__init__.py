@@ -240,6 +240,9 @@ class NeuronMap(foo.Panel):
                   f"run `{mc.meta.get('run_id')}`")
         if points.query_label:
             header += f"  \nLarge points: aligned with the {points.query_label}"
+        if points.disputed:
+            header += (f"  \nRed ring: {len(points.disputed)} disputed unit(s), readers named different concepts "
+                       "(`mammo concepts agreement`)")
         panel.md(header, name="header")
         panel.plot("map", data=traces, layout=layout, config={"displaylogo": False, "scrollZoom": True},
                    on_click=self.on_click_unit, on_selected=self.on_select_units, height="420px")
