@@ -218,11 +218,9 @@ def test_two_readers_with_their_own_accounts_label_at_the_same_time(provisioned,
     and the report names who labelled what."""
     import threading
 
-    from models.inference import read_mammogram
     from tests.fixtures.labelstudio import sign_up
-    from workspace.base.catalog import get_image, open_catalog
+    from workspace.base.catalog import open_catalog
     from workspace.dissect.concepts import ConceptStore
-    from workspace.dissect.query import query_image
     from workspace.dissect.session import Session
 
     server, ws, run = labelstudio_server, ls_pipeline.ws, ls_pipeline.run
@@ -230,38 +228,14 @@ def test_two_readers_with_their_own_accounts_label_at_the_same_time(provisioned,
                for name in ("ana", "ben")]
     assert readers[0].client().users.whoami().email == readers[0].username
     tasks = tasks_of(server, provisioned.projects[lc.SCREENING].project_id)
-    # ROIs on distinct tasks whose aligned units do not overlap, so each unit's label has one author
-    plans, taken = [], set()
-    for task in tasks:
-        image_id = task["data"]["image_id"]
-        row = get_image(open_catalog(ws), image_id)
-        read = read_mammogram(ws, image_id, ls_pipeline.loaded)
-        for box in read.boxes[np.argsort(-read.scores)][:6]:
-            x, y, s = (int(v) for v in box[:3])
-            probe = np.zeros((row["rows"], row["cols"]), bool)
-            probe[y:y + s, x:x + s] = True
-            first = query_image(ws, image_id, probe, ls_pipeline.loaded, run)
-            unit = next((int(u) for u in first.ranking if first.mask_of(int(u)).any()), None)
-            if unit is None:
-                continue
-            roi = first.mask_of(unit)
-            aligned = {int(u) for u in query_image(ws, image_id, roi, ls_pipeline.loaded, run).aligned}
-            if aligned and not aligned & taken:
-                plans.append((task, roi, aligned))
-                taken |= aligned
-                break
-        if len(plans) == 2:
-            break
-    assert len(plans) == 2, "no two tasks with disjoint aligned units"
+    plans = _disjoint_rois(ls_pipeline, tasks, 2)   # each unit's label has one author
     concepts = ["ana's spiculated mass", "ben's calcification cluster"]
     made: dict[int, int] = {}
     start, errors = threading.Barrier(2), []
 
     def submit(k: int) -> None:
         task, roi, _ = plans[k]
-        result = [pr.brush(roi, label=lc.ROI_LABEL, to_name="image", from_name="roi", rid=f"two{k}"),
-                  {"id": f"c{k}", "from_name": "new_concept", "to_name": "image", "type": "textarea",
-                   "value": {"text": [concepts[k]]}}]
+        result = _roi_and_concept(roi, concepts[k], f"two{k}")
         start.wait(timeout=60)
         try:
             made[k] = readers[k].client().annotations.create(id=task["id"], result=result).id
@@ -289,3 +263,99 @@ def test_two_readers_with_their_own_accounts_label_at_the_same_time(provisioned,
     for k, reader in enumerate(readers):
         assert report.concept(concepts[k]).labelled_by == [f"labelstudio:{reader.username}"]
         assert f"by labelstudio:{reader.username}" in report.to_text(max_concepts=50)
+
+
+def test_readers_who_disagree_through_label_studio(provisioned, labelstudio_server, ls_pipeline):
+    """Two readers with their own accounts name the same ROI's units differently in Label Studio: the store shows
+    them disputed (`mammo concepts agreement`), the answer Label Studio shows follows the team's rule (latest:
+    the second reader's concept; majority: a tie, so the units are offered to label again)."""
+    from tests.fixtures.labelstudio import sign_up
+    from workspace.app.cli import main
+    from workspace.dissect.concepts import ConceptStore
+
+    server, ws, run = labelstudio_server, ls_pipeline.ws, ls_pipeline.run
+    tasks = tasks_of(server, provisioned.projects[lc.SCREENING].project_id)
+    with ConceptStore(ws) as store:
+        voted = set(store.votes(run.model_digest, run.layer))
+    task, roi, aligned = next(p for p in _disjoint_rois(ls_pipeline, tasks, 3) if not p[2] & voted)
+    readers = [sign_up(server, f"{name}-agree-{run.run_id[:6]}@clinic.example", f"{name}-long-password")
+               for name in ("cleo", "dan")]
+    concepts = ["cleo's architectural distortion", "dan's asymmetry"]
+    for k, reader in enumerate(readers):
+        reader.client().annotations.create(id=task["id"], result=_roi_and_concept(roi, concepts[k], f"ag{k}"))
+    with ConceptStore(ws) as store:
+        found = store.agreement(run.model_digest, run.layer)
+    disputed = {u.unit: u.votes for u in found.disputed}
+    who = [f"labelstudio:{r.username}" for r in readers]
+    assert set(aligned) <= set(disputed)
+    assert all(disputed[u] == dict(zip(who, concepts, strict=True)) for u in aligned)
+    assert next(p for p in found.pairs if set(p.readers) == set(who)).observed == 0.0
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["--workspace", str(ws.root), "concepts", "agreement", "--limit", "500"]) == 0
+    assert f"disputed unit {min(aligned)}: {who[0]}: {concepts[0]}; {who[1]}: {concepts[1]}" in printed.getvalue()
+
+    def answer() -> dict:
+        return ls_request(server, "POST", f"/api/ml/{provisioned.projects[lc.SCREENING].ml_backend_id}"
+                          "/interactive-annotating", json={"task": task["id"], "context": {"result": [
+                              pr.brush(roi, label=lc.ROI_LABEL, to_name="image", from_name="roi", rid="ask")]}})
+
+    def shown(data: dict) -> tuple[dict[int, str], str]:
+        """The units drawn on the image with their labels' text, and the report."""
+        results = data["data"]["result"]
+        units = {pr.unit_of_region(r): r["meta"]["text"][0] for r in results if r.get("from_name") == "units"}
+        return units, next(r for r in results if r["type"] == "textarea")["value"]["text"][0]
+
+    units, _report = shown(answer())
+    assert units and set(units) <= set(aligned)
+    assert all(text.endswith(concepts[1]) for text in units.values())        # latest: Dan's
+    with ConceptStore(ws) as store:
+        store.set_rule("majority", by="lead")
+    try:
+        units, report = shown(answer())
+        assert all(text.endswith("unlabelled") for text in units.values())   # a tie: no label
+        assert "Label me: unit" in report
+    finally:
+        with ConceptStore(ws) as store:
+            store.set_rule("latest", by="lead")
+
+
+def _disjoint_rois(ls_pipeline, tasks, n: int) -> list[tuple[dict, np.ndarray, set[int]]]:
+    """``n`` (task, ROI mask, aligned units) on distinct tasks whose aligned units do not overlap: each ROI is the
+    mask of the best unit under a suspicious patch, so at least that unit is aligned."""
+    from models.inference import read_mammogram
+    from workspace.base.catalog import get_image, open_catalog
+    from workspace.dissect.query import query_image
+
+    ws, run = ls_pipeline.ws, ls_pipeline.run
+    plans, taken = [], set()
+    for task in tasks:
+        image_id = task["data"]["image_id"]
+        row = get_image(open_catalog(ws), image_id)
+        read = read_mammogram(ws, image_id, ls_pipeline.loaded)
+        for box in read.boxes[np.argsort(-read.scores)][:6]:
+            x, y, s = (int(v) for v in box[:3])
+            probe = np.zeros((row["rows"], row["cols"]), bool)
+            probe[y:y + s, x:x + s] = True
+            first = query_image(ws, image_id, probe, ls_pipeline.loaded, run)
+            unit = next((int(u) for u in first.ranking if first.mask_of(int(u)).any()), None)
+            if unit is None:
+                continue
+            roi = first.mask_of(unit)
+            aligned = {int(u) for u in query_image(ws, image_id, roi, ls_pipeline.loaded, run).aligned}
+            if aligned and not aligned & taken:
+                plans.append((task, roi, aligned))
+                taken |= aligned
+                break
+        if len(plans) == n:
+            return plans
+    raise AssertionError(f"no {n} tasks with disjoint aligned units")
+
+
+def _roi_and_concept(roi: np.ndarray, concept: str, key: str) -> list[dict]:
+    return [pr.brush(roi, label=lc.ROI_LABEL, to_name="image", from_name="roi", rid=f"r{key}"),
+            {"id": f"c{key}", "from_name": "new_concept", "to_name": "image", "type": "textarea",
+             "value": {"text": [concept]}}]
