@@ -286,6 +286,31 @@ M9_TEAM_RULES = ("""
         """)
 
 
+M10_PROPOSALS = ("""
+        -- Concepts proposed for units from the lesions they align with (workspace.dissect.proposals), never
+        -- applied on their own: a reader or curator accepts (the unit is labelled) or rejects them.
+        CREATE TABLE concept_proposals (
+            proposal_id INTEGER PRIMARY KEY AUTOINCREMENT,
+            model_digest TEXT NOT NULL,
+            layer TEXT NOT NULL,
+            run_id TEXT NOT NULL,
+            unit INTEGER NOT NULL,
+            concept TEXT NOT NULL,                -- the name proposed
+            attribute TEXT NOT NULL,              -- the lesion attribute: kind, finding, mass_margins ...
+            value TEXT NOT NULL,
+            iou REAL NOT NULL,                    -- dataset-level IoU over the run's patches
+            n_lesions INTEGER NOT NULL,
+            evidence TEXT NOT NULL,               -- JSON: runner-up, minimum IoU, patches
+            status TEXT NOT NULL,                 -- proposed | accepted | rejected
+            proposed_at TEXT NOT NULL,
+            decided_by TEXT,
+            decided_at TEXT,
+            decided_source TEXT
+        );
+        CREATE UNIQUE INDEX concept_proposals_unique ON concept_proposals(model_digest, layer, unit, concept);
+        """)
+
+
 MIGRATIONS: list[tuple[int, str, str]] = [
     (1, "catalog: patients, images, lesions, patches", M1_CATALOG),
     (2, "models, dissection runs, image reads", M2_RUNS),
@@ -296,6 +321,7 @@ MIGRATIONS: list[tuple[int, str, str]] = [
     (7, "models: load options", M7_MODEL_OPTIONS),
     (8, "images: modality", M8_MODALITY),
     (9, "concept store: team settings, votes index", M9_TEAM_RULES),
+    (10, "concept store: concept proposals", M10_PROPOSALS),
 ]
 
 

@@ -29,6 +29,7 @@ store was busy).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -98,6 +99,41 @@ class NeuronLabel:
     labelled_at: str
     source: str
     query_id: int | None
+
+
+_PROPOSAL_COLUMNS = ("proposal_id, model_digest, layer, run_id, unit, concept, attribute, value, iou, evidence, "
+                     "n_lesions, status, proposed_at, decided_by, decided_at, decided_source")
+
+
+@dataclass(frozen=True)
+class ProposalRow:
+    """A stored concept proposal (:meth:`ConceptStore.proposals`)."""
+
+    proposal_id: int
+    model_digest: str
+    layer: str
+    run_id: str
+    unit: int
+    concept: str
+    attribute: str
+    value: str
+    iou: float
+    evidence: dict
+    n_lesions: int
+    status: str
+    proposed_at: str
+    decided_by: str | None
+    decided_at: str | None
+    decided_source: str | None
+
+    def evidence_text(self) -> str:
+        return f"IoU {self.iou:.2f} over {self.n_lesions} lesion{'s' if self.n_lesions != 1 else ''}"
+
+    def to_text(self) -> str:
+        return f"unit {self.unit}: probably {self.concept} ({self.evidence_text()})"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -699,6 +735,68 @@ class ConceptStore:
                 labels[unit] = by_key[concept_key(name)]
                 by[unit] = ", ".join(sorted(r for r, n in votes.items() if n == name))
         return labels, by
+
+    # -- proposals ---------------------------------------------------------------------------
+    def save_proposals(self, run_id: str, model_digest: str, layer: str, proposals: Iterable[Any], *,
+                       evidence: dict | None = None) -> int:
+        """Record a run's proposals (:mod:`workspace.dissect.proposals`): the layer's pending ones are replaced,
+        a (unit, concept) already accepted or rejected is not proposed again. Returns how many are pending."""
+        rows = list(proposals)
+
+        def work(conn: sqlite3.Connection) -> int:
+            conn.execute("DELETE FROM concept_proposals WHERE model_digest = ? AND layer = ? AND status = 'proposed'",
+                         [model_digest, layer])
+            now, added = utc_now(), 0
+            for p in rows:
+                extra = {"runner_up": p.runner_up, "runner_up_iou": p.runner_up_iou, **(evidence or {})}
+                added += conn.execute(
+                    "INSERT OR IGNORE INTO concept_proposals (model_digest, layer, run_id, unit, concept, attribute, "
+                    "value, iou, n_lesions, evidence, status, proposed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                    "'proposed', ?)", [model_digest, layer, run_id, int(p.unit), clean_name(p.concept), p.attribute,
+                                       p.value, float(p.iou), int(p.n_lesions), json.dumps(extra), now]).rowcount
+            return added
+
+        return self._write(work)
+
+    def proposals(self, model_digest: str, layer: str, *, status: str | None = "proposed",
+                  units: Iterable[int] | None = None) -> list[ProposalRow]:
+        """The layer's proposals (``status`` None: all), best IoU first."""
+        sql = (f"SELECT {_PROPOSAL_COLUMNS} FROM concept_proposals WHERE model_digest = ? AND layer = ?")
+        params: list[Any] = [model_digest, layer]
+        if status is not None:
+            sql += " AND status = ?"
+            params.append(status)
+        wanted = None if units is None else {int(u) for u in units}
+        return [ProposalRow(*r[:9], json.loads(r[9]), *r[10:]) for r in self._read(sql + " ORDER BY iou DESC, unit",
+                                                                                     params)
+                if wanted is None or r[4] in wanted]
+
+    def decide_proposals(self, proposal_ids: Iterable[int], *, accept: bool, by: str, source: str) -> list[ProposalRow]:
+        """Accept (label each unit with its proposed concept, the evidence in the label's note) or reject
+        proposals; a decided proposal is left as it was. Returns the proposals decided now."""
+        actor = _actor(by)
+        _check_source(source)
+        ids = [int(i) for i in proposal_ids]
+        if not ids:
+            raise ConceptError("no proposals given")
+        rows = {r[0]: ProposalRow(*r[:9], json.loads(r[9]), *r[10:]) for r in self._read(
+            f"SELECT {_PROPOSAL_COLUMNS} FROM concept_proposals WHERE proposal_id IN ({','.join('?' * len(ids))})",
+            ids)}
+        missing = [i for i in ids if i not in rows]
+        if missing:
+            raise ConceptError(f"no proposal {', '.join(map(str, missing[:5]))}")
+        pending = [rows[i] for i in ids if rows[i].status == "proposed"]
+        for row in pending if accept else []:   # the label first: accepting again is then a no-op
+            self.label_units(row.model_digest, row.layer, [row.unit], row.concept, by=actor, source=source,
+                             run_id=row.run_id, note=f"proposal #{row.proposal_id}: {row.evidence_text()}")
+        status = "accepted" if accept else "rejected"
+        now = utc_now()
+        self._write(lambda conn: [conn.execute(
+            "UPDATE concept_proposals SET status = ?, decided_by = ?, decided_at = ?, decided_source = ? "
+            "WHERE proposal_id = ? AND status = 'proposed'", [status, actor, now, source, row.proposal_id])
+            for row in pending])
+        return [dataclasses.replace(row, status=status, decided_by=actor, decided_at=now, decided_source=source)
+                for row in pending]
 
     # -- the team's rule ---------------------------------------------------------------------
     def rule(self) -> str:

@@ -1,11 +1,12 @@
 """``mammo concepts``: the concept store from the command line (list, create, label, remove, history, agreement,
-rule).
+rule, propose, proposals, accept, reject).
 
 Units are those of one dissected (model, layer): ``--run RUN_ID``, or ``--model DIGEST --layer NAME``,
 or by default the newest complete dissection run of the workspace. One concept per unit: labelling a
 labelled unit with another concept relabels it (the history keeps both). ``agreement`` shows how readers
 agree (per unit, per concept, Cohen's and Fleiss' kappa); ``rule`` shows or sets the team's label rule (the
-label reports use when readers disagree: latest or majority).
+label reports use when readers disagree: latest or majority). ``propose`` computes concept proposals from the
+lesions units align with (:mod:`workspace.dissect.proposals`), ``accept`` / ``reject`` decide them.
 """
 
 from __future__ import annotations
@@ -139,6 +140,48 @@ def _run(args: argparse.Namespace) -> int:
             print(found.to_text(max_disputed=args.limit))
             return 0
 
+        if args.action == "propose":
+            from workspace.dissect.dissect_run import load_run
+            from workspace.dissect.proposals import iou_table, propose
+            from workspace.dissect.session import load_run_model
+
+            model, layer, run_id = _scope(args, store.db)
+            if run_id is None:
+                raise ConceptError("proposals are computed over a dissection run's patches: give --run")
+            run = load_run(ws, run_id)
+            table = iou_table(ws, run, load_run_model(ws, run))
+            found = propose(table, min_iou=args.min_iou)
+            pending = store.save_proposals(run_id, model, layer, found, evidence={"min_iou": args.min_iou})
+            rows = store.proposals(model, layer)
+            if args.json:
+                print(json.dumps([r.to_dict() for r in rows], indent=2))
+                return 0
+            print(f"{len(found)} unit(s) of {layer} align with lesions at IoU >= {args.min_iou:g} over "
+                  f"{sum(table.n_patches.values())} patches; {pending} proposal(s) pending (decided ones are kept)")
+            for row in rows[:args.top]:
+                print(f"  #{row.proposal_id}  {row.to_text()}")
+            if len(rows) > args.top:
+                print(f"  +{len(rows) - args.top} more (`mammo concepts proposals`)")
+            print("accept or reject: mammo concepts accept|reject ID ...")
+            return 0
+
+        if args.action == "proposals":
+            model, layer, run_id = _scope(args, store.db)
+            rows = store.proposals(model, layer, status=None if args.status == "all" else args.status)
+            return _listing(args, rows, f"no {args.status} proposals (compute them with `mammo concepts propose`)",
+                            ["#", "unit", "concept", "IoU", "lesions", "status", "decided by"],
+                            lambda r: [str(r.proposal_id), str(r.unit), r.concept, f"{r.iou:.2f}", str(r.n_lesions),
+                                       r.status, r.decided_by or ""])
+
+        if args.action in ("accept", "reject"):
+            decided = store.decide_proposals(args.ids, accept=args.action == "accept", by=by, source="cli")
+            for row in decided:
+                print(f"#{row.proposal_id} {row.status}: {row.to_text()}")
+            left = len(args.ids) - len(decided)
+            if left:
+                print(f"{left} proposal(s) were decided before: left as they were")
+            return 0
+
         if args.action == "rule":
             if args.rule:
                 store.set_rule(args.rule, by=by)
@@ -152,7 +195,8 @@ def _run(args: argparse.Namespace) -> int:
 def add_parser(subparsers, parents) -> None:
     parser = subparsers.add_parser(
         "concepts", parents=parents,
-        help="concepts and neuron labels: list, create, label, remove, history, agreement, rule",
+        help="concepts and neuron labels: list, create, label, remove, history, agreement, rule, propose, "
+             "proposals, accept, reject",
         description="The concept store. One concept per unit; names are unique ignoring case and spaces; "
                     "every change is kept in an append-only history.")
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -201,6 +245,26 @@ def add_parser(subparsers, parents) -> None:
     scoped(agreement)
     agreement.add_argument("--limit", type=int, default=20, metavar="N", help="disputed units shown (default 20)")
     agreement.add_argument("--json", action="store_true", help="print JSON")
+
+    proposer = actions.add_parser("propose", parents=parents,
+                                  help="propose concepts for units from the lesions they align with (a pass over "
+                                       "the run's patches)")
+    scoped(proposer)
+    proposer.add_argument("--min-iou", type=float, default=0.04, metavar="X",
+                          help="dataset-level IoU a proposal needs (default 0.04, Network Dissection's)")
+    proposer.add_argument("--top", type=int, default=20, metavar="N", help="proposals printed (default 20)")
+    proposer.add_argument("--json", action="store_true", help="print JSON")
+
+    listed = actions.add_parser("proposals", parents=parents, help="the stored proposals")
+    scoped(listed)
+    listed.add_argument("--status", default="proposed", choices=("proposed", "accepted", "rejected", "all"))
+    listed.add_argument("--json", action="store_true", help="print JSON")
+
+    for verb, what in (("accept", "accept proposals: label each unit with its proposed concept"),
+                       ("reject", "reject proposals (kept, not proposed again)")):
+        decide = actions.add_parser(verb, parents=parents, help=what)
+        decide.add_argument("ids", nargs="+", type=int, metavar="ID", help="proposal numbers")
+        decide.add_argument("--by", metavar="WHO", help="default: $MAMMO_USER or $USER")
 
     rule = actions.add_parser("rule", parents=parents, help="show or set the label reports use when readers "
                                                             "disagree (latest, the default, or majority)")

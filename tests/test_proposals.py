@@ -1,0 +1,134 @@
+"""Concept proposals: the dataset-level IoU of units with lesion attribute values against a brute-force
+computation from the definition, proposals stored and decided (never applied on their own), `mammo concepts
+propose | proposals | accept | reject`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_concepts_cli import mammo
+from workspace.base.errors import ConceptError
+from workspace.dissect.concepts import ConceptStore
+from workspace.dissect.proposals import Proposal, attribute_values, concept_name, iou_table, propose
+
+
+@pytest.fixture(scope="module")
+def table(pipeline):
+    return iou_table(pipeline.ws, pipeline.run, pipeline.loaded)
+
+
+def test_attribute_values_and_names():
+    lesion = {"kind": "Mass", "attributes": json.dumps({"finding": "spiculated", "contrast": 0.2, "mass_margins":
+                                                        "ILL_DEFINED-SPICULATED", "categories": ["Mass", "N/A"]})}
+    assert attribute_values(lesion) == [("kind", "mass"), ("finding", "spiculated"),
+                                        ("mass_margins", "ILL_DEFINED-SPICULATED"), ("categories", "Mass")]
+    assert concept_name("finding", "calcification_cluster") == "calcification cluster"
+    assert concept_name("mass_margins", "ILL_DEFINED-SPICULATED") == "ill defined / spiculated (mass margins)"
+
+
+def test_dataset_iou_equals_the_definition(pipeline, table):
+    """Summed intersections over summed unions of the unit's thresholded, upsampled maps (the dissection's
+    mask rule) and the value's lesion pixels, over every patch of the run: recomputed by brute force."""
+    from workspace.base.catalog import get_image, lesions_of, open_catalog
+    from workspace.data.patches import lesion_region, open_patch_set
+    from workspace.dissect.dissect_run import model_source
+    from workspace.dissect.dissection import unit_masks
+
+    ws, run = pipeline.ws, pipeline.run
+    iou, counts = table.iou()
+    assert iou.shape == (run.thresholds.size, len(table.values)) and counts.sum() > 0
+    value = int(np.argmax(counts))                         # the value most lesions show
+    units = [int(u) for u in np.argsort(-iou[:, value])[:2]] + [int(np.argmin(iou[:, value]))]
+    source = model_source(ws, pipeline.loaded, patch_set=run.manifest["patch_set"], split=None, layer=run.layer)
+    rows = {int(r["patch_id"]): r for r in open_patch_set(ws, run.manifest["patch_set"]).rows}
+    db = open_catalog(ws)
+    inter = np.zeros(len(units))
+    union = np.zeros(len(units))
+    for start in range(0, len(source.patch_ids), 8):
+        maps = source.activations(start, min(start + 8, len(source.patch_ids)))
+        for k, patch_id in enumerate(source.patch_ids[start:start + 8]):
+            row = rows[int(patch_id)]
+            x, y, size = int(row["x"]), int(row["y"]), int(row["size"])
+            masks = unit_masks(maps[k][units].float(), torch.as_tensor(run.thresholds[units]), size).numpy()
+            lesion = np.zeros((size, size), bool)
+            image = get_image(db, row["image_id"])
+            for record in lesions_of(db, row["image_id"]):
+                if table.values[value] not in attribute_values(record):
+                    continue
+                region = lesion_region(ws, image, record)
+                full = np.zeros((image["rows"] + 2 * size, image["cols"] + 2 * size), bool)
+                h, w = region.mask.shape
+                full[region.y0 + size:region.y0 + size + h, region.x0 + size:region.x0 + size + w] = region.mask
+                lesion |= full[y + size:y + 2 * size, x + size:x + 2 * size]
+            inter += (masks & lesion).sum(axis=(1, 2))
+            union += (masks | lesion).sum(axis=(1, 2))
+    expected = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+    np.testing.assert_allclose(iou[units, value], expected, rtol=1e-12)
+    assert expected[0] > 0
+
+
+def test_proposals_follow_the_iou_and_held_out_images_give_their_own(table):
+    found = propose(table, min_iou=0.0)
+    assert found and [p.iou for p in found] == sorted((p.iou for p in found), reverse=True)
+    iou, counts = table.iou()
+    best = found[0]
+    assert best.iou == pytest.approx(iou[best.unit].max(), abs=1e-4) and best.n_lesions > 0
+    assert best.to_text().startswith(f"unit {best.unit}: probably {best.concept} (IoU ")
+    assert propose(table, min_iou=1.01) == []
+    images = sorted(table.area)
+    half = propose(table, images=images[: len(images) // 2], min_iou=0.0)
+    assert {p.unit for p in half} != set() and table.iou(images[:1])[0].shape == iou.shape
+
+
+def test_proposals_are_stored_and_decided_never_applied(pipeline, tmp_path):
+    """On the shared pipeline's run: what it labels and proposes is removed at the end."""
+    run = pipeline.run
+    model, layer = run.model_digest, run.layer
+    found = [Proposal(unit=3, concept="spiculated", attribute="finding", value="spiculated", iou=0.31, n_lesions=42,
+                      runner_up="mass", runner_up_iou=0.2),
+             Proposal(unit=5, concept="mass", attribute="kind", value="mass", iou=0.12, n_lesions=9)]
+    with ConceptStore(pipeline.ws) as store:
+        assert store.save_proposals(run.run_id, model, layer, found) == 2
+        rows = store.proposals(model, layer)
+        assert [(r.unit, r.concept, r.status) for r in rows] == [(3, "spiculated", "proposed"), (5, "mass", "proposed")]
+        assert rows[0].to_text() == "unit 3: probably spiculated (IoU 0.31 over 42 lesions)"
+        before = store.current_labels(model, layer)
+        assert 3 not in before and 5 not in before                            # nothing applied
+        with pytest.raises(ConceptError, match="no proposal 999"):
+            store.decide_proposals([rows[0].proposal_id, 999], accept=True, by="ana", source="cli")
+        accepted = store.decide_proposals([rows[0].proposal_id], accept=True, by="ana", source="labelstudio")
+        assert [(r.status, r.decided_by) for r in accepted] == [("accepted", "ana")]
+        assert store.current_labels(model, layer)[3].name == "spiculated"
+        [event] = store.history(model, layer, unit=3)
+        assert event.note == f"proposal #{rows[0].proposal_id}: IoU 0.31 over 42 lesions"
+        store.decide_proposals([rows[1].proposal_id], accept=False, by="ben", source="fiftyone")
+        assert 5 not in store.current_labels(model, layer)
+        # computed again: decided ones stay decided and are not proposed again
+        assert store.save_proposals(run.run_id, model, layer, found) == 0
+        assert store.proposals(model, layer) == []
+        assert {r.status for r in store.proposals(model, layer, status=None)} == {"accepted", "rejected"}
+        assert store.decide_proposals([rows[1].proposal_id], accept=True, by="ana", source="cli") == []
+        store.remove_labels(model, layer, [3], by="test-cleanup", source="api")
+        store.db.execute("DELETE FROM concept_proposals WHERE run_id = ?", [run.run_id])
+
+
+def test_cli_propose_accept_reject(pipeline, capsys):
+    ws, run = pipeline.ws, pipeline.run
+    code, out, _ = mammo(ws, capsys, "concepts", "propose", "--run", run.run_id, "--min-iou", "0.0", "--top", "3")
+    assert code == 0 and "proposal(s) pending" in out and "probably" in out
+    code, out, _ = mammo(ws, capsys, "concepts", "proposals", "--run", run.run_id, "--json")
+    rows = json.loads(out)
+    assert code == 0 and rows and all(r["status"] == "proposed" for r in rows)
+    first, second = rows[0], rows[1]
+    code, out, _ = mammo(ws, capsys, "concepts", "reject", str(second["proposal_id"]), "--by", "ana")
+    assert code == 0 and "rejected" in out
+    code, out, _ = mammo(ws, capsys, "concepts", "accept", str(first["proposal_id"]), "--by", "ana")
+    assert code == 0 and f"#{first['proposal_id']} accepted" in out
+    with ConceptStore(ws) as store:
+        assert store.current_labels(run.model_digest, run.layer)[first["unit"]].name == first["concept"]
+        store.remove_labels(run.model_digest, run.layer, [first["unit"]], by="test-cleanup", source="api")
+        store.db.execute("DELETE FROM concept_proposals WHERE run_id = ?", [run.run_id])
