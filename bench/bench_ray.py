@@ -10,6 +10,10 @@
    ``--repeats`` times each (default 5; best and median), and (d) once, Ray with 1 worker starting its own cluster (what ``mammo dissect
    --ray`` alone costs). Each Ray run is checked bit for bit against (a). Prints the times and the ratios
    over (a) (goal for (b): <= 1.15).
+   Then the same pair as a user runs it, whole commands in fresh processes, alternated as often: ``mammo
+   dissect`` against ``mammo dissect --ray ADDRESS --workers 1`` on the running cluster. Both pay a process's
+   start-up (imports, the model, the first batches), which (a) does not: it runs in a process that has
+   dissected before.
 2. A projection of a ``--projection-patches`` VGG16 (conv5_3, 512 units at 32 x 32) dissection on N
    workers, from per-patch costs measured here: the forward pass of VGG16 (``vgg16_1ch``) on this CPU,
    the statistics of one patch's 512 x 32 x 32 maps, the merge of one shard, and Ray's fixed cost from
@@ -24,6 +28,7 @@ import argparse
 import math
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -159,9 +164,21 @@ def main() -> None:
     modes = [("single pass, in process", lambda: run_dissection(ws, loaded, **options))]
     modes += [(f"Ray, {w} worker(s), cluster running", lambda w=w: dissect_on_ray(ws, loaded, workers=w, **options))
               for w in args.workers]
+    def command(*extra: str):
+        """``mammo dissect`` in a fresh process; returns the run it wrote."""
+        from workspace.dissect.dissect_run import load_run
+
+        subprocess.run([str(Path(sys.executable).with_name("mammo")), "dissect", "-w", str(ws.root), "--patch-set",
+                        "bench", "--split", "all", *extra], check=True, capture_output=True,
+                       env={**os.environ, "MAMMO_QUIET": "1"})
+        return load_run(ws, reference.run_id)
+
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    address = ray.get_runtime_context().gcs_address
+    modes += [("command: mammo dissect", command),
+              ("command: mammo dissect --ray ADDRESS --workers 1", lambda: command("--ray", address, "--workers", "1"))]
     times: dict[str, list[float]] = {label: [] for label, _ in modes}
     identical = {label: True for label, _ in modes}
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         for repeat in range(args.repeats):   # alternated: one run's time varies by up to 25 % here
             for label, fn in modes:
@@ -182,12 +199,19 @@ def main() -> None:
           "each, alternated | best | median | ratio of bests | ratio of medians | bit-identical |")
     print("|---|---|---|---|---|---|")
     print(f"| single pass, in process | {best[plain]:.1f} s | {median[plain]:.1f} s | 1.00 | 1.00 | reference |")
-    for label, _ in modes[1:]:
+    in_process = [label for label, _ in modes if not label.startswith("command")]
+    for label in in_process[1:]:
         print(f"| {label} | {best[label]:.1f} s | {median[label]:.1f} s | {best[label] / best[plain]:.3f} | "
               f"{median[label] / median[plain]:.3f} | {'yes' if identical[label] else 'NO'} |")
     print(f"| Ray, 1 worker, starting its own cluster (once) | {cold_s:.1f} s | | {cold_s / best[plain]:.3f} | "
           f"{cold_s / median[plain]:.3f} | {'yes' if same(run) else 'NO'} |")
-    rows = [(label, median[label]) for label, _ in modes[1:]]
+    plain_cmd, ray_cmd = (label for label, _ in modes if label.startswith("command"))
+    print(f"| {plain_cmd} (fresh process) | {best[plain_cmd]:.1f} s | {median[plain_cmd]:.1f} s | 1.00 | 1.00 | "
+          f"{'yes' if identical[plain_cmd] else 'NO'} |")
+    print(f"| {ray_cmd} (fresh process) | {best[ray_cmd]:.1f} s | {median[ray_cmd]:.1f} s | "
+          f"{best[ray_cmd] / best[plain_cmd]:.3f} | {median[ray_cmd] / median[plain_cmd]:.3f} | "
+          f"{'yes' if identical[ray_cmd] else 'NO'} |")
+    rows = [(label, median[label]) for label in in_process[1:]]
     fixed_s = max(0.0, rows[0][1] - median[plain])   # Ray's cost beyond the work itself, 1 worker (medians)
 
     # -- projection -------------------------------------------------------------------------------

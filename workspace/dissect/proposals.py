@@ -133,6 +133,8 @@ def iou_table(ws: Any, run: Any, loaded: Any, *, batch_size: int | None = None) 
         row = get_image(db, image_id)
         found = []
         for lesion in lesions_of(db, image_id):
+            if lesion["source"] == "annotated_copy":   # a copy of another lesion's outline: counted once
+                continue
             try:
                 region = lesion_region(ws, row, lesion)
             except MammoError:   # a lesion without pixels (a point, an empty mask): nothing to align with
