@@ -20,6 +20,7 @@ ALIGNED_SIZE = 18
 SELECTED_SIZE = 16
 SELECTED_LINE = "#ffffff"
 DISPUTED_LINE = "#ff2a2a"   # a ring around units whose readers named different concepts
+PROPOSED_SYMBOL = "diamond"  # units with a pending concept proposal
 
 
 class PluginError(MammoError):
@@ -101,6 +102,7 @@ class MapPoints:
     query_label: str
     explained_variance: list[float]
     disputed: dict[int, dict[str, str]] = field(default_factory=dict)   # unit -> {reader: concept}
+    proposed: dict[int, str] = field(default_factory=dict)   # unit -> its pending proposal, as text
 
 
 def map_points(mc: MapContext) -> MapPoints:
@@ -112,6 +114,8 @@ def map_points(mc: MapContext) -> MapPoints:
         labels = store.labels(mc.model_digest, mc.layer)
         query = store.latest_query(mc.model_digest, mc.layer)
         disputed = {u.unit: u.votes for u in store.agreement(mc.model_digest, mc.layer).disputed}
+        proposed = {p.unit: f"#{p.proposal_id} {p.concept} ({p.evidence_text()})"
+                    for p in reversed(store.proposals(mc.model_digest, mc.layer))}   # a unit's best proposal
     iou = dict(query.ranking) if query is not None else {}
     aligned = {int(u) for u in query.aligned} if query is not None else set()
     query_label = ""
@@ -123,7 +127,8 @@ def map_points(mc: MapContext) -> MapPoints:
     return MapPoints(units=[int(u) for u in units], x=list(xs), y=list(ys), concept=concept, colour=colour,
                      iou=[iou.get(int(u)) if query is not None else None for u in units], aligned=aligned,
                      query_label=query_label,
-                     explained_variance=list(mc.meta.get("explained_variance") or []), disputed=disputed)
+                     explained_variance=list(mc.meta.get("explained_variance") or []), disputed=disputed,
+                     proposed=proposed)
 
 
 def scatter(points: MapPoints, selected: set[int] | None = None) -> tuple[list[dict], dict]:
@@ -143,7 +148,9 @@ def scatter(points: MapPoints, selected: set[int] | None = None) -> tuple[list[d
             said = points.disputed.get(points.units[i])
             text.append(f"unit {points.units[i]}<br>concept: {points.concept[i] or 'unlabelled'}"
                         f"<br>IoU: {'-' if iou is None else f'{iou:.2f}'}"
-                        + ("<br>disputed: " + "; ".join(f"{r}: {n}" for r, n in sorted(said.items())) if said else ""))
+                        + ("<br>disputed: " + "; ".join(f"{r}: {n}" for r, n in sorted(said.items())) if said else "")
+                        + (f"<br>proposed: {points.proposed[points.units[i]]}"
+                           if points.units[i] in points.proposed else ""))
         traces.append({
             "type": "scattergl" if len(points.units) > 2000 else "scatter",
             "mode": "markers", "name": name or "unlabelled",
@@ -154,6 +161,7 @@ def scatter(points: MapPoints, selected: set[int] | None = None) -> tuple[list[d
                 "size": [SELECTED_SIZE + (4 if u in points.aligned else 0) if u in selected
                          else ALIGNED_SIZE if u in points.aligned else BASE_SIZE for u in units],
                 "opacity": 0.9,
+                "symbol": [PROPOSED_SYMBOL if u in points.proposed else "circle" for u in units],
                 "line": {"width": [2.5 if u in selected else 2.0 if u in points.disputed else 0 for u in units],
                          "color": [SELECTED_LINE if u in selected else DISPUTED_LINE for u in units]},
             },
@@ -214,6 +222,27 @@ def label_units(mc: MapContext, units: Any, concept: str, *, by: str, descriptio
                                     run_id=mc.meta.get("run_id"), n_units=mc.n_units, description=description)
     refresh_concepts(mc.ws, mc.neurons())
     return changed
+
+
+def decide_proposals(mc: MapContext, units: Any, *, accept: bool, by: str) -> list:
+    """Accept (label each unit with its proposed concept) or reject the pending proposals of ``units``, in one
+    action; returns the proposals decided."""
+    from fiftyone_plugins.sync import refresh_concepts
+    from workspace.dissect.concepts import ConceptStore, parse_units
+
+    try:
+        unit_list = parse_units(units)
+    except MammoError as error:
+        raise PluginError(str(error)) from error
+    if not unit_list:
+        raise PluginError("select units on the map first (lasso or box select)")
+    with ConceptStore(mc.ws) as store:
+        pending = store.proposals(mc.model_digest, mc.layer, units=unit_list)
+        if not pending:
+            raise PluginError("none of the selected units has a pending proposal (◆ on the map)")
+        decided = store.decide_proposals([p.proposal_id for p in pending], accept=accept, by=by, source="fiftyone")
+    refresh_concepts(mc.ws, mc.neurons())
+    return decided
 
 
 def create_concept(mc: MapContext, name: str, *, by: str, description: str | None = None,

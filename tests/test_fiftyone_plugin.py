@@ -385,3 +385,48 @@ def test_disputed_units_on_the_map_and_in_the_dataset(fo_synced, monkeypatch):
             store.set_rule("latest", by="lead")
             store.remove_labels(model, layer, [first, second, third], by="test-cleanup", source="api")
         _execute("refresh_from_store", fo_synced.patches)
+
+
+def test_proposals_on_the_map_accepted_and_rejected_in_one_action(fo_synced):
+    """Units with a pending proposal are diamonds saying what is proposed; selecting units and pressing Accept
+    labels them with their proposed concepts (Reject keeps them unlabelled), through the store."""
+    from fiftyone import ViewField as F
+
+    from fiftyone_plugins.actions import PROPOSED_SYMBOL
+    from workspace.dissect.proposals import Proposal
+
+    model, layer, run_id = fo_synced.run.model_digest, fo_synced.run.layer, fo_synced.run.run_id
+    with ConceptStore(fo_synced.ws) as store:
+        free = [u for u in range(16) if u not in store.votes(model, layer)][:2]
+        store.save_proposals(run_id, model, layer, [
+            Proposal(unit=free[0], concept="Proposed spiculation", attribute="finding", value="spiculated", iou=0.3,
+                     n_lesions=12),
+            Proposal(unit=free[1], concept="Proposed cluster", attribute="finding", value="cluster", iou=0.2,
+                     n_lesions=5)])
+    try:
+        _result, rendered, _patches, _requests = _panel(fo_synced.patches, "on_load")
+        plot = _find(rendered, "map")["view"]
+        marks = {int(u): (symbol, text) for t in plot["data"]
+                 for u, symbol, text in zip(t["ids"], t["marker"]["symbol"], t["text"], strict=True)}
+        assert marks[free[0]][0] == PROPOSED_SYMBOL and "proposed: " in marks[free[0]][1]
+        assert "Proposed spiculation (IoU 0.30 over 12 lesions)" in marks[free[0]][1]
+        assert all(symbol == "circle" for u, (symbol, _t) in marks.items() if u not in free)
+        _result, rendered, _patches, _requests = _panel(fo_synced.patches, "on_load",
+                                                        state={"selected_units": free})
+        assert _find(rendered, "accept_btn") is not None and _find(rendered, "reject_btn") is not None
+        _panel(fo_synced.patches, "on_accept", state={"selected_units": [free[0]]})
+        _panel(fo_synced.patches, "on_reject", state={"selected_units": [free[1]]})
+        with ConceptStore(fo_synced.ws) as store:
+            decided = {p.unit: p for p in store.proposals(model, layer, status=None) if p.unit in free}
+            labels = store.current_labels(model, layer)
+        assert decided[free[0]].status == "accepted" and decided[free[0]].decided_source == "fiftyone"
+        assert decided[free[1]].status == "rejected" and free[1] not in labels
+        assert labels[free[0]].name == "Proposed spiculation"
+        assert fo_synced.neurons.match(F("unit") == free[0]).first().concept.label == "Proposed spiculation"
+        _result, rendered, _patches, _requests = _panel(fo_synced.patches, "on_load")
+        assert "Diamonds" not in json.dumps(_find(rendered, "header"))
+    finally:
+        with ConceptStore(fo_synced.ws) as store:
+            store.remove_labels(model, layer, free, by="test-cleanup", source="api")
+            store.db.execute("DELETE FROM concept_proposals WHERE run_id = ?", [run_id])
+        _execute("refresh_from_store", fo_synced.patches)

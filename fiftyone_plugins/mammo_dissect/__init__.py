@@ -200,6 +200,25 @@ class NeuronMap(foo.Panel):
         ctx.ops.notify(state.message, variant="success")
         self._clear_inputs(ctx)
 
+    def on_accept(self, ctx):
+        self._decide(ctx, accept=True)
+
+    def on_reject(self, ctx):
+        self._decide(ctx, accept=False)
+
+    def _decide(self, ctx, *, accept: bool):
+        units = list(ctx.panel.state.selected_units or [])
+        try:
+            decided = actions.decide_proposals(_context(ctx), units, accept=accept, by=actions.actor(ctx))
+        except actions.MammoError as error:
+            ctx.ops.notify(str(error), variant="error")
+            return
+        verb = "Accepted" if accept else "Rejected"
+        ctx.panel.state.message = f"{verb} {len(decided)} proposal(s): " + "; ".join(
+            f"unit {p.unit} {p.concept}" for p in decided[:8])
+        ctx.ops.notify(ctx.panel.state.message, variant="success")
+        self._clear_inputs(ctx)
+
     def on_refresh(self, ctx):
         try:
             changed = actions.refresh(_context(ctx))
@@ -240,6 +259,9 @@ class NeuronMap(foo.Panel):
                   f"run `{mc.meta.get('run_id')}`")
         if points.query_label:
             header += f"  \nLarge points: aligned with the {points.query_label}"
+        if points.proposed:
+            header += (f"  \nDiamonds: {len(points.proposed)} unit(s) with a proposed concept (hover to see it); "
+                       "select them to accept or reject")
         if points.disputed:
             header += (f"  \nRed ring: {len(points.disputed)} disputed unit(s), readers named different concepts "
                        "(`mammo concepts agreement`)")
@@ -265,6 +287,9 @@ class NeuronMap(foo.Panel):
         buttons.btn("label_btn", label=f"Label {len(selected)} unit(s)", on_click=self.on_label,
                     disabled=not selected, variant="contained")
         buttons.btn("clear_btn", label="Clear selection", on_click=self.on_clear, disabled=not selected)
+        if selected & set(points.proposed):
+            buttons.btn("accept_btn", label="Accept proposals", on_click=self.on_accept, variant="outlined")
+            buttons.btn("reject_btn", label="Reject proposals", on_click=self.on_reject)
         tools = panel.h_stack("tools")
         tools.btn("refresh_btn", label="Refresh from store", on_click=self.on_refresh, variant="outlined")
         if state.unit is not None:
