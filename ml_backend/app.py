@@ -325,6 +325,8 @@ class Backend:
         if not shown and q["ranking"]:
             shown = q["ranking"][:1]  # nothing aligned: still show the best match, labelled as such
         result = pr.echo_rois(results, query_id)  # the drawn box, kept in the annotation (see echo_rois)
+        proposed = {p.unit: f"{p.concept} ({p.evidence_text()})" for p in reversed(
+            self.store.proposals(self.run.model_digest, self.run.layer, units=shown))} if shown else {}
         for rank, unit in enumerate(shown):
             concept = labels.get(unit)
             label = lc.MOST_ALIGNED_LABEL if rank == 0 else lc.ALIGNED_LABEL
@@ -332,7 +334,8 @@ class Backend:
                                    score=float(q["iou"][unit]),
                                    rid=pr.unit_region_id(unit, q["image_id"], q["patch_box"]),  # re-asked: replaced
                                    text=pr.unit_text(unit, iou=float(q["iou"][unit]),
-                                                     concept=concept.name if concept else None)))
+                                                     concept=concept.name if concept else None,
+                                                     proposed=proposed.get(unit))))
         read = self.read(q["image_id"])
         maps = read.maps if q["index"] is None else read.maps[[q["index"]]]
         report = self.report(q["image_id"], maps=maps, labels=labels, iou=q["iou"], aligned=q["aligned"],

@@ -18,6 +18,9 @@ Control names are the contract between the configs, the backend's answers and th
   choices of the project's config, so a project keeps working when the model changes its words);
 - ``concept`` (existing concepts, from the task's ``concepts`` list) and ``new_concept`` (free text):
   the concept the reader sees in the ROI (the paper's progressive labelling);
+- ``proposals`` (optional: older projects lack it): accept or reject, on Submit, the concepts proposed for
+  the ROI's aligned units from the lesions they align with (``workspace.dissect.proposals``; the report's
+  "Label me" line names them);
 - ``report``: the per-concept report, as text.
 """
 
@@ -36,6 +39,8 @@ PATCH_REVIEW = "patch_review"
 TITLES = {SCREENING: "Screening reads", PATCH_REVIEW: "Patch review"}
 
 ROI_LABEL = "ROI"
+PROPOSALS_ACCEPT = "Accept the proposed concepts"
+PROPOSALS_REJECT = "Reject the proposed concepts"
 ALIGNED_LABEL = "aligned unit"
 MOST_ACTIVATED_LABEL = "most activated unit"
 MOST_ALIGNED_LABEL = "most aligned unit"
@@ -82,6 +87,11 @@ _CONCEPT_PANEL = """
              allowNested="false"/>
     <TextArea name="new_concept" toName="{target}" placeholder="...or type a new concept" rows="1"
               maxSubmissions="1" editable="true"/>
+    <Header value="Concepts proposed for the aligned neurons (the report's Label me line): on Submit" size="6"/>
+    <Choices name="proposals" toName="{target}" choice="single" showInline="true">
+      <Choice value="{accept}"/>
+      <Choice value="{reject}"/>
+    </Choices>
 """
 
 _MODEL_PANEL = """
@@ -117,7 +127,7 @@ def _fill(template: str, target: str, **extra: str) -> str:
         target=target, roi=ROI_LABEL, roi_help=ROI_HELP, brush_help=BRUSH_HELP, aligned=ALIGNED_LABEL,
         most_aligned=MOST_ALIGNED_LABEL,
         most_activated=MOST_ACTIVATED_LABEL, roi_colour=ROI_COLOUR, aligned_colour=ALIGNED_COLOUR, most_aligned_colour=MOST_ALIGNED_COLOUR,
-        most_activated_colour=MOST_ACTIVATED_COLOUR, **extra)
+        most_activated_colour=MOST_ACTIVATED_COLOUR, accept=PROPOSALS_ACCEPT, reject=PROPOSALS_REJECT, **extra)
 
 
 def _panel(target: str, model_title: str, findings: bool, positive: str, negative: str) -> str:

@@ -129,14 +129,17 @@ def assessment(score: float, operating_point: float, *, to_name: str, choices: l
 
 
 def unit_text(unit: int, *, iou: float | None = None, concept: str | None = None,
-              activation: float | None = None) -> str:
-    """The label shown with a unit's region: ``unit 17 · IoU 0.42 · spiculation``."""
+              activation: float | None = None, proposed: str | None = None) -> str:
+    """The label shown with a unit's region: ``unit 17 · IoU 0.42 · spiculation``, or for an unlabelled unit with
+    a pending proposal ``unit 17 · IoU 0.42 · unlabelled · proposed: spiculated (IoU 0.31 over 42 lesions)``."""
     parts = [f"unit {unit}"]
     if iou is not None:
         parts.append(f"IoU {iou:.2f}")
     if activation is not None:
         parts.append(f"max act. {activation:.2f}")
     parts.append(concept or "unlabelled")
+    if proposed and not concept:
+        parts.append(f"proposed: {proposed}")
     return " · ".join(parts)
 
 

@@ -79,7 +79,9 @@ def submitted(results: list[dict]) -> dict:
             labels = value.get("brushlabels") or []
             if unit is not None and lc.MOST_ACTIVATED_LABEL not in labels:
                 kept.append(unit)
-    return {"choices": choices, "concept": typed or picked, "kept_units": sorted(set(kept))}
+    decision = (choices.get("proposals") or [None])[0]
+    proposals = {lc.PROPOSALS_ACCEPT: "accept", lc.PROPOSALS_REJECT: "reject"}.get(decision)
+    return {"choices": choices, "concept": typed or picked, "kept_units": sorted(set(kept)), "proposals": proposals}
 
 
 def _config_info(payload: dict, task: dict) -> lc.ConfigInfo:
@@ -167,6 +169,13 @@ def _label_from_roi(backend: Backend, task: dict, info: lc.ConfigInfo, results: 
     units = kept or q["aligned"]
     record = {"geometry": geometry, "query_id": query_id, "aligned": q["aligned"], "kept_units": kept,
               "patch_box": q["patch_box"]}
+    if answers["proposals"]:   # first: a concept the reader typed as well is their last word on these units
+        pending = backend.store.proposals(backend.run.model_digest, backend.run.layer, units=units)
+        decided = backend.store.decide_proposals([p.proposal_id for p in pending], accept=answers["proposals"] ==
+                                                 "accept", by=reader, source="labelstudio") if pending else []
+        record["proposals"] = {"decision": answers["proposals"], "decided": [p.proposal_id for p in decided]}
+        if not pending:
+            notes.append("no concept is proposed for these units: nothing to accept or reject")
     if answers["concept"] and units:
         note = (f"Label Studio annotation {_id(annotation)} of task {_id(task)} ({action}); "
                 + ("units the reader kept" if kept else "units aligned with the ROI"))

@@ -323,6 +323,55 @@ def test_readers_who_disagree_through_label_studio(provisioned, labelstudio_serv
             store.set_rule("latest", by="lead")
 
 
+def test_a_reader_accepts_proposed_concepts_in_label_studio(provisioned, labelstudio_server, ls_pipeline):
+    """Concepts proposed for the ROI's aligned units show on their regions ("proposed: ..."); a reader who submits
+    the ROI with "Accept the proposed concepts" labels them (the evidence in the label's note), through the real
+    Label Studio."""
+    from tests.fixtures.labelstudio import sign_up
+    from workspace.dissect.concepts import ConceptStore
+    from workspace.dissect.proposals import Proposal
+
+    server, ws, run = labelstudio_server, ls_pipeline.ws, ls_pipeline.run
+    project = provisioned.projects[lc.SCREENING]
+    tasks = tasks_of(server, project.project_id)
+    with ConceptStore(ws) as store:
+        voted = set(store.votes(run.model_digest, run.layer))
+    task, roi, aligned = next(p for p in _disjoint_rois(ls_pipeline, tasks, 4) if not p[2] & voted)
+    units = sorted(aligned)
+    with ConceptStore(ws) as store:
+        store.save_proposals(run.run_id, run.model_digest, run.layer, [
+            Proposal(unit=u, concept="proposed spiculation", attribute="finding", value="spiculated", iou=0.25,
+                     n_lesions=7) for u in units])
+    try:
+        answer = ls_request(server, "POST", f"/api/ml/{project.ml_backend_id}/interactive-annotating", json={
+            "task": task["id"], "context": {"result": [
+                pr.brush(roi, label=lc.ROI_LABEL, to_name="image", from_name="roi", rid="askp")]}})
+        texts = [r["meta"]["text"][0] for r in answer["data"]["result"] if r.get("from_name") == "units"]
+        assert texts and all("proposed: proposed spiculation (IoU 0.25 over 7 lesions)" in t for t in texts)
+        reader = sign_up(server, f"eve-{run.run_id[:6]}@clinic.example", "eve-long-password")
+        result = [pr.brush(roi, label=lc.ROI_LABEL, to_name="image", from_name="roi", rid="accept"),
+                  {"id": "p1", "from_name": "proposals", "to_name": "image", "type": "choices",
+                   "value": {"choices": [lc.PROPOSALS_ACCEPT]}}]
+        annotation = reader.client().annotations.create(id=task["id"], result=result)
+        with ConceptStore(ws) as store:
+            decided = [p for p in store.proposals(run.model_digest, run.layer, status=None, units=units)]
+            labels = store.current_labels(run.model_digest, run.layer)
+            event = store.history(run.model_digest, run.layer, unit=units[0])[-1]
+        assert {p.status for p in decided} == {"accepted"}
+        assert {p.decided_by for p in decided} == {f"labelstudio:{reader.username}"}
+        assert {labels[u].name for u in units} == {"proposed spiculation"}
+        assert event.note.startswith("proposal #") and event.note.endswith("IoU 0.25 over 7 lesions")
+        from workspace.base.catalog import open_catalog
+
+        [stored] = list(open_catalog(ws).query("SELECT roi FROM ls_annotations WHERE annotation_id = ?",
+                                               [annotation.id]))
+        assert json.loads(stored["roi"])["proposals"]["decision"] == "accept"
+    finally:
+        with ConceptStore(ws) as store:
+            store.remove_labels(run.model_digest, run.layer, units, by="test-cleanup", source="api")
+            store.db.execute("DELETE FROM concept_proposals WHERE run_id = ?", [run.run_id])
+
+
 def _disjoint_rois(ls_pipeline, tasks, n: int) -> list[tuple[dict, np.ndarray, set[int]]]:
     """``n`` (task, ROI mask, aligned units) on distinct tasks whose aligned units do not overlap: each ROI is the
     mask of the best unit under a suspicious patch, so at least that unit is aligned."""
