@@ -32,7 +32,8 @@ def test_attribute_values_and_names():
 
 def test_dataset_iou_equals_the_definition(pipeline, table):
     """Summed intersections over summed unions of the unit's thresholded, upsampled maps (the dissection's
-    mask rule) and the value's lesion pixels, over every patch of the run: recomputed by brute force."""
+    mask rule) and the value's lesion pixels (annotated copies of a lesion left out: they outline the same lesion),
+    over every patch of the run: recomputed by brute force."""
     from workspace.base.catalog import get_image, lesions_of, open_catalog
     from workspace.data.patches import lesion_region, open_patch_set
     from workspace.dissect.dissect_run import model_source
@@ -57,7 +58,7 @@ def test_dataset_iou_equals_the_definition(pipeline, table):
             lesion = np.zeros((size, size), bool)
             image = get_image(db, row["image_id"])
             for record in lesions_of(db, row["image_id"]):
-                if table.values[value] not in attribute_values(record):
+                if record["source"] == "annotated_copy" or table.values[value] not in attribute_values(record):
                     continue
                 region = lesion_region(ws, image, record)
                 full = np.zeros((image["rows"] + 2 * size, image["cols"] + 2 * size), bool)
@@ -71,17 +72,23 @@ def test_dataset_iou_equals_the_definition(pipeline, table):
     assert expected[0] > 0
 
 
-def test_proposals_follow_the_iou_and_held_out_images_give_their_own(table):
-    found = propose(table, min_iou=0.0)
+def test_proposals_are_each_values_best_matches(table):
+    found = propose(table, per_value=2, min_lesions=1)
     assert found and [p.iou for p in found] == sorted((p.iou for p in found), reverse=True)
     iou, counts = table.iou()
+    for v in range(len(table.values)):   # each value's two best units are proposed, for it or better
+        for unit in np.argsort(-iou[:, v], kind="stable")[:2]:
+            if iou[unit, v] > 0:
+                mine = next(p for p in found if p.unit == unit)
+                assert mine.iou >= iou[unit, v] - 1e-4
     best = found[0]
     assert best.iou == pytest.approx(iou[best.unit].max(), abs=1e-4) and best.n_lesions > 0
     assert best.to_text().startswith(f"unit {best.unit}: probably {best.concept} (IoU ")
-    assert propose(table, min_iou=1.01) == []
+    assert len({p.unit for p in found}) == len(found)
+    assert propose(table, min_iou=1.0) == [] and propose(table, min_lesions=10**6) == []
     images = sorted(table.area)
-    half = propose(table, images=images[: len(images) // 2], min_iou=0.0)
-    assert {p.unit for p in half} != set() and table.iou(images[:1])[0].shape == iou.shape
+    assert table.iou(images[:1])[0].shape == iou.shape
+    assert propose(table, images=images[:1], min_lesions=1) != found
 
 
 def test_proposals_are_stored_and_decided_never_applied(pipeline, tmp_path):
@@ -118,7 +125,7 @@ def test_proposals_are_stored_and_decided_never_applied(pipeline, tmp_path):
 
 def test_cli_propose_accept_reject(pipeline, capsys):
     ws, run = pipeline.ws, pipeline.run
-    code, out, _ = mammo(ws, capsys, "concepts", "propose", "--run", run.run_id, "--min-iou", "0.0", "--top", "3")
+    code, out, _ = mammo(ws, capsys, "concepts", "propose", "--run", run.run_id, "--top", "3")
     assert code == 0 and "proposal(s) pending" in out and "probably" in out
     code, out, _ = mammo(ws, capsys, "concepts", "proposals", "--run", run.run_id, "--json")
     rows = json.loads(out)

@@ -8,12 +8,15 @@ of Network Dissection: summed intersections over summed unions of the unit's thr
 
     IoU(u, a) = sum_p |M_u,p & L_a,p| / sum_p |M_u,p | L_a,p|,   |M | L| = |M| + |L| - |M & L|
 
-Every patch counts in the union (a unit that fires everywhere scores low). The sums are kept per image, so
-any set of images gives its own IoU (a held-out check needs no second pass). A unit's best value, at or above
-``min_iou`` (default 0.04, Network Dissection's detector threshold), is a **proposal**: "unit 17: probably
-spiculated (IoU 0.31 over 42 lesions)". Proposals are never applied on their own: a reader or curator
-accepts or rejects them (``ConceptStore.decide_proposals``); an accepted one labels the unit, with its
-evidence in the label's note.
+Every patch counts in the union (a unit that fires everywhere scores low). An ``annotated_copy`` lesion (the
+outline of another lesion, found on a circled copy) is left out, so no lesion counts twice. The sums are kept per image, so
+any set of images gives its own IoU (a held-out check needs no second pass). The **proposals** are the best
+matches: for every attribute value seen on at least two lesions, the three units of highest IoU (a unit named
+by several values keeps its best): "unit 17: probably spiculated (IoU 0.03 over 42 lesions)". Lesions are small
+against a unit's top-1 % masks summed over every patch, so these IoUs are far below Network Dissection's 0.04
+detector threshold for scene concepts (``bench/check_proposals.py``); ``min_iou`` sets a floor. Proposals are
+never applied on their own: a reader or curator accepts or rejects them (``ConceptStore.decide_proposals``);
+an accepted one labels the unit, with its evidence in the label's note.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ import numpy as np
 
 from workspace.base.errors import MammoError
 
-DEFAULT_MIN_IOU = 0.04
+DEFAULT_PER_VALUE = 3      # units proposed per attribute value
+DEFAULT_MIN_IOU = 0.0      # any overlap; Network Dissection's 0.04 suits large scene concepts, not small lesions
+DEFAULT_MIN_LESIONS = 2    # a value seen on one lesion only proposes nothing
 # lesion attributes that describe what a lesion looks like (numbers, ids and scores left out)
 DESCRIPTIVE_ATTRIBUTES = ("finding", "mass_shape", "mass_margins", "calc_type", "calc_distribution", "categories",
                           "roi_name", "mias_class")
@@ -196,25 +201,32 @@ def _inside(region: Any, x: int, y: int, size: int) -> np.ndarray | None:
     return out
 
 
-def propose(table: IoUTable, *, images: Iterable[str] | None = None, min_iou: float = DEFAULT_MIN_IOU,
-            units: Iterable[int] | None = None) -> list[Proposal]:
-    """Each unit's best attribute value at or above ``min_iou`` (over ``images``), best IoU first."""
+def propose(table: IoUTable, *, images: Iterable[str] | None = None, per_value: int = DEFAULT_PER_VALUE,
+            min_iou: float = DEFAULT_MIN_IOU, min_lesions: int = DEFAULT_MIN_LESIONS) -> list[Proposal]:
+    """The best matches: for every attribute value shown by at least ``min_lesions`` lesions (over ``images``),
+    its ``per_value`` units of highest IoU above ``min_iou``; a unit named by several values keeps its best.
+    Best IoU first."""
     iou, counts = table.iou(images)
-    out = []
-    for unit in (range(table.n_units) if units is None else units):
-        order = np.argsort(-iou[unit], kind="stable")
-        best = int(order[0])
-        if iou[unit, best] < min_iou or counts[best] == 0:
+    best: dict[int, int] = {}
+    for v in range(len(table.values)):
+        if counts[v] < min_lesions:
             continue
-        key, value = table.values[best]
-        second = int(order[1]) if len(order) > 1 else None
-        out.append(Proposal(unit=int(unit), concept=concept_name(key, value), attribute=key, value=value,
-                            iou=round(float(iou[unit, best]), 4), n_lesions=int(counts[best]),
+        for unit in np.argsort(-iou[:, v], kind="stable")[:per_value]:
+            unit = int(unit)
+            if iou[unit, v] > min_iou and (unit not in best or iou[unit, v] > iou[unit, best[unit]]):
+                best[unit] = v
+    out = []
+    for unit, v in best.items():
+        key, value = table.values[v]
+        others = [w for w in np.argsort(-iou[unit], kind="stable") if w != v and counts[w] > 0]
+        second = int(others[0]) if others else None
+        out.append(Proposal(unit=unit, concept=concept_name(key, value), attribute=key, value=value,
+                            iou=round(float(iou[unit, v]), 4), n_lesions=int(counts[v]),
                             runner_up=concept_name(*table.values[second]) if second is not None else None,
                             runner_up_iou=round(float(iou[unit, second]), 4) if second is not None else None))
     out.sort(key=lambda p: (-p.iou, p.unit))
     return out
 
 
-__all__ = ["DEFAULT_MIN_IOU", "DESCRIPTIVE_ATTRIBUTES", "ProposalError", "attribute_values", "concept_name",
+__all__ = ["DEFAULT_PER_VALUE", "DEFAULT_MIN_IOU", "DEFAULT_MIN_LESIONS", "DESCRIPTIVE_ATTRIBUTES", "ProposalError", "attribute_values", "concept_name",
            "IoUTable", "Proposal", "iou_table", "propose"]

@@ -150,14 +150,16 @@ def _run(args: argparse.Namespace) -> int:
                 raise ConceptError("proposals are computed over a dissection run's patches: give --run")
             run = load_run(ws, run_id)
             table = iou_table(ws, run, load_run_model(ws, run))
-            found = propose(table, min_iou=args.min_iou)
-            pending = store.save_proposals(run_id, model, layer, found, evidence={"min_iou": args.min_iou})
+            found = propose(table, per_value=args.per_value, min_iou=args.min_iou)
+            pending = store.save_proposals(run_id, model, layer, found,
+                                           evidence={"per_value": args.per_value, "min_iou": args.min_iou})
             rows = store.proposals(model, layer)
             if args.json:
                 print(json.dumps([r.to_dict() for r in rows], indent=2))
                 return 0
-            print(f"{len(found)} unit(s) of {layer} align with lesions at IoU >= {args.min_iou:g} over "
-                  f"{sum(table.n_patches.values())} patches; {pending} proposal(s) pending (decided ones are kept)")
+            print(f"{len(found)} unit(s) of {layer} are among the {args.per_value} best matches of a lesion attribute "
+                  f"value over {sum(table.n_patches.values())} patches; {pending} proposal(s) pending (decided ones "
+                  "are kept)")
             for row in rows[:args.top]:
                 print(f"  #{row.proposal_id}  {row.to_text()}")
             if len(rows) > args.top:
@@ -250,8 +252,10 @@ def add_parser(subparsers, parents) -> None:
                                   help="propose concepts for units from the lesions they align with (a pass over "
                                        "the run's patches)")
     scoped(proposer)
-    proposer.add_argument("--min-iou", type=float, default=0.04, metavar="X",
-                          help="dataset-level IoU a proposal needs (default 0.04, Network Dissection's)")
+    proposer.add_argument("--per-value", type=int, default=3, metavar="N",
+                          help="units proposed per lesion attribute value (default 3)")
+    proposer.add_argument("--min-iou", type=float, default=0.0, metavar="X",
+                          help="dataset-level IoU a proposal needs above (default 0: any overlap)")
     proposer.add_argument("--top", type=int, default=20, metavar="N", help="proposals printed (default 20)")
     proposer.add_argument("--json", action="store_true", help="print JSON")
 
