@@ -11,10 +11,13 @@ of Network Dissection: summed intersections over summed unions of the unit's thr
 Every patch counts in the union (a unit that fires everywhere scores low). An ``annotated_copy`` lesion (the
 outline of another lesion, found on a circled copy) is left out, so no lesion counts twice. The sums are kept per image, so
 any set of images gives its own IoU (a held-out check needs no second pass). The **proposals** are the best
-matches: for every attribute value seen on at least two lesions, the three units of highest IoU (a unit named
-by several values keeps its best): "unit 17: probably spiculated (IoU 0.03 over 42 lesions)". Lesions are small
-against a unit's top-1 % masks summed over every patch, so these IoUs are far below Network Dissection's 0.04
-detector threshold for scene concepts (``bench/check_proposals.py``); ``min_iou`` sets a floor. Proposals are
+matches: for every attribute value seen on at least two lesions, the three units that align with it most
+specifically, by the margin of their IoU with it over their best IoU with another value of the same attribute
+(:func:`propose`): "unit 17: probably spiculated (IoU 0.03 over 42 lesions)". The plain highest IoU favours large
+findings: every unit overlaps a mass more than a calcification, so the calcification units it picks align with
+held-out masses instead (``bench/check_proposals.py``). Lesions are small against a unit's top-1 % masks summed
+over every patch, so these IoUs are far below Network Dissection's 0.04 detector threshold for scene concepts;
+``min_iou`` sets a floor. Proposals are
 never applied on their own: a reader or curator accepts or rejects them (``ConceptStore.decide_proposals``);
 an accepted one labels the unit, with its evidence in the label's note.
 """
@@ -204,16 +207,23 @@ def _inside(region: Any, x: int, y: int, size: int) -> np.ndarray | None:
 def propose(table: IoUTable, *, images: Iterable[str] | None = None, per_value: int = DEFAULT_PER_VALUE,
             min_iou: float = DEFAULT_MIN_IOU, min_lesions: int = DEFAULT_MIN_LESIONS) -> list[Proposal]:
     """The best matches: for every attribute value shown by at least ``min_lesions`` lesions (over ``images``),
-    its ``per_value`` units of highest IoU above ``min_iou``; a unit named by several values keeps its best.
-    Best IoU first."""
+    the ``per_value`` units that align with it most specifically, by the **margin** of their IoU with it over
+    their best IoU with another value of the same attribute (a mass unit must align with masses more than
+    with calcifications), margin and IoU above 0 and ``min_iou``. A unit named by several values keeps its
+    largest margin. Best IoU first."""
     iou, counts = table.iou(images)
-    best: dict[int, int] = {}
-    for v in range(len(table.values)):
+    margin = np.full(iou.shape, -np.inf)
+    for v, (key, _value) in enumerate(table.values):
         if counts[v] < min_lesions:
             continue
-        for unit in np.argsort(-iou[:, v], kind="stable")[:per_value]:
+        others = [w for w, (k, _) in enumerate(table.values) if k == key and w != v and counts[w] > 0]
+        margin[:, v] = iou[:, v] - (iou[:, others].max(axis=1) if others else 0.0)
+    best: dict[int, int] = {}
+    for v in range(len(table.values)):
+        for unit in np.argsort(-margin[:, v], kind="stable")[:per_value]:
             unit = int(unit)
-            if iou[unit, v] > min_iou and (unit not in best or iou[unit, v] > iou[unit, best[unit]]):
+            if margin[unit, v] > 0 and iou[unit, v] > min_iou and (unit not in best
+                                                                    or margin[unit, v] > margin[unit, best[unit]]):
                 best[unit] = v
     out = []
     for unit, v in best.items():
