@@ -273,15 +273,21 @@ class Backend:
     def report(self, image_id: str, *, maps, labels, iou=None, aligned=None, patch_box=None, query_id=None,
                roi=None):
         from workspace.dissect.dissection import max_activations
-        from workspace.dissect.reports import build_report
+        from workspace.dissect.reports import build_report, concept_groups
 
         key = (image_id, None if patch_box is None else tuple(int(v) for v in patch_box))
         acts = self._activations.get(key, lambda: max_activations(np.asarray(maps, dtype=np.float32)).max(axis=0))
+        try:  # what silencing each concept does to the score: cached on the read, so only new unit sets cost
+            changes = self.session.score_changes(image_id, concept_groups(labels), patch_box=patch_box) if labels else None
+        except MammoError as error:
+            log.warning("no score changes for %s: %s", image_id, error)
+            changes = None
         return build_report(acts, self.thresholds, labels, iou=iou, aligned=aligned,
                             iou_threshold=self.iou_threshold, image_id=image_id, patch_box=patch_box,
                             model_digest=self.run.model_digest, layer=self.run.layer, run_id=self.run.run_id,
                             query_id=query_id, roi=roi, read=self.read(image_id), card=self.card,
-                            labelled_by=self.store.labellers(self.run.model_digest, self.run.layer))
+                            labelled_by=self.store.labellers(self.run.model_digest, self.run.layer),
+                            score_changes=changes)
 
     # -- interactive ROI ---------------------------------------------------------------------
     def query(self, task: dict, info: lc.ConfigInfo, results: list | None) -> dict:

@@ -6,12 +6,15 @@
 
 The hook stays on the module only inside the ``with`` block. Because VGG's ReLUs work in place,
 a captured convolution output would be overwritten by the next layer: the hook clones the tensor.
+
+:func:`replacing` is the same tap the other way round: the layer's output is replaced (``models.ablation``
+silences units with it where the rest of the network cannot run alone).
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -60,4 +63,31 @@ def capture(model: nn.Module, layer: str) -> Iterator[Capture]:
         handle.remove()
 
 
-__all__ = ["Capture", "capture", "layer_names", "get_layer"]
+class Replacement:
+    """How many times the layer ran (``calls``) while its output was being replaced."""
+
+    def __init__(self, layer: str, make: Callable[[torch.Tensor], torch.Tensor]):
+        self.layer = layer
+        self.make = make
+        self.calls = 0
+
+    def _hook(self, _module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        if not isinstance(output, torch.Tensor):
+            raise ModelError(f"layer {self.layer!r} does not output a single tensor")
+        self.calls += 1
+        return self.make(output)
+
+
+@contextmanager
+def replacing(model: nn.Module, layer: str, make: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[Replacement]:
+    """While the block runs, ``layer``'s output of each forward pass is ``make(output)`` instead."""
+    module = get_layer(model, layer)
+    hook = Replacement(layer, make)
+    handle = module.register_forward_hook(hook._hook)
+    try:
+        yield hook
+    finally:
+        handle.remove()
+
+
+__all__ = ["Capture", "capture", "Replacement", "replacing", "layer_names", "get_layer"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,12 @@ DEFAULT_BATCH = 8
 CACHE_VERSION = 1
 
 
+def image_score_of(patch_scores: Any) -> float:
+    """The image score from its patch scores: the highest one (0.0 for an image with no tissue patch)."""
+    scores = np.asarray(patch_scores)
+    return float(scores.max()) if scores.size else 0.0
+
+
 @dataclass
 class MammogramRead:
     """One image read by one model. Boxes are [x, y, w, h] in normalised orientation (full resolution)."""
@@ -59,10 +65,12 @@ class MammogramRead:
     cached: bool
     seconds: float
     domain: DomainVerdict | None = None  # the image against the reading model's training domain
+    # scores with groups of units silenced, {(sorted units, patch index or None): scores}: models.ablation's cache
+    silenced: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def image_score(self) -> float:
-        return float(self.scores.max()) if len(self.scores) else 0.0
+        return image_score_of(self.scores)
 
     @property
     def suspicious(self) -> np.ndarray:
@@ -250,5 +258,5 @@ def read_many(ws: Workspace, image_ids: list[str], loaded: LoadedModel, **option
     return ReadSummary(reads=reads, errors=errors)
 
 
-__all__ = ["MammogramRead", "ReadSummary", "score_grid", "read_mammogram", "record_read",
+__all__ = ["MammogramRead", "ReadSummary", "image_score_of", "score_grid", "read_mammogram", "record_read",
            "read_many"]

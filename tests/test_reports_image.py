@@ -116,11 +116,16 @@ def test_mammo_report_cli(pipeline, capsys, tmp_path):
     html_path = ws.reports_dir / f"{image_id}.html"
     assert capsys.readouterr().out.strip() == str(html_path)
     page = html_path.read_text()
-    assert page.count("<svg") == 3 and "data:image/png;base64," in page and "mass" in page
+    # the thumbnail, activation value, activation area and the effect of silencing each concept on the score
+    assert page.count("<svg") == 4 and "data:image/png;base64," in page and "mass" in page
+    assert "Effect on the score" in page
 
     assert main([*base, "--format", "text"]) == 0
     text = capsys.readouterr().out
     assert text.startswith(f"{image_id}: ") and "mass:" in text and len(text.splitlines()) <= 6
+    assert "silenced: " in text
+    assert main([*base, "--format", "text", "--no-silence"]) == 0
+    assert "silenced" not in capsys.readouterr().out
 
     for argv, message in [(["--roi", "5000,5000,10,10"], "no pixel inside"),
                           (["--roi-mask", str(tmp_path / "none.png")], "no ROI mask file")]:

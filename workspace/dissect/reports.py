@@ -11,6 +11,11 @@ For an image (or one patch of it) and the labels of the dissected layer:
 - **activation area** given an ROI: per concept, the mean IoU of its units' masks with the ROI.
 - **label me**: units aligned with the ROI (IoU >= the threshold) that carry no label yet, best
   first; labelling them is how the store grows during reads.
+- **silenced** (beyond the paper): per concept, the change in the score (P(possibly malignant)) when the
+  concept's units are set to zero at the dissected layer and the forward pass finishes
+  (:mod:`models.ablation`): of the image score for an image, of the patch's score for a patch. Negative:
+  the model used the concept to call the image suspicious. Mean activation says a concept fired; this says
+  whether the score depends on it.
 
 :func:`build_report` takes plain arrays, so it does not care how they were computed;
 :func:`report_for_image` wires the real pieces (the cached read, the dissection run, the ROI query).
@@ -68,6 +73,7 @@ class ConceptScore:
     unit_iou: list[float] | None
     unit_labelled_by: list[str | None] = field(default_factory=list)   # who gave each unit's label
     labelled_by: list[str] = field(default_factory=list)   # the same, distinct, most units first
+    score_change: float | None = None   # score with the units silenced minus as read (None: not computed)
 
     @property
     def n_units(self) -> int:
@@ -109,6 +115,7 @@ class Report:
     score: dict | None = None           # the read: {"image_score", "n_patches", "n_suspicious", "operating_point"}
     model_card: dict | None = None      # models.card.ModelCard.to_dict(): what the model was trained on
     domain: dict | None = None          # models.card.DomainVerdict.to_dict() of this image
+    silenced: dict | None = None        # {"of": "image"|"patch", "score", "label"}: what score_change is a change of
 
     @property
     def domain_warning(self) -> str | None:
@@ -154,6 +161,8 @@ class Report:
             line = f"{score.name}: {value} (raw {_fmt(score.mean_activation)}, {_units(score.n_units)})"
             if score.mean_iou is not None:
                 line += f", ROI IoU {score.mean_iou:.2f}"
+            if score.score_change is not None:
+                line += f", silenced: {_fmt_change(score.score_change)}"
             if score.labelled_by:
                 line += f"; by {', '.join(score.labelled_by)}"
             lines.append(line)
@@ -187,7 +196,7 @@ def build_report(max_activations: Sequence[float] | np.ndarray, thresholds: Sequ
                  model_digest: str | None = None, layer: str | None = None, run_id: str | None = None,
                  query_id: int | None = None, roi: Mapping[str, Any] | None = None,
                  thumbnail: dict | None = None, read: Any = None, card: Any = None,
-                 labelled_by: Mapping[int, str] | None = None) -> Report:
+                 labelled_by: Mapping[int, str] | None = None, score_changes: Any = None) -> Report:
     """The report of one image or patch from plain arrays.
 
     ``max_activations`` (units,): each unit's maximum activation on the image (or patch);
@@ -196,7 +205,8 @@ def build_report(max_activations: Sequence[float] | np.ndarray, thresholds: Sequ
     units (default: ``iou >= iou_threshold``). ``roi`` is kept as a summary (``bbox``, ``area``).
     ``read`` (a ``models.inference.MammogramRead``) adds the image's score and domain verdict, ``card``
     (a ``models.card.ModelCard``) what the model was trained on, ``labelled_by`` (``{unit: reader}``, from
-    ``ConceptStore.labellers``) who labelled what.
+    ``ConceptStore.labellers``) who labelled what. ``score_changes`` (a ``models.ablation.ScoreChanges`` keyed
+    by concept id, from :func:`concept_groups`) adds each concept's change of the score when its units are silenced.
     """
     acts = _vector(max_activations, "max_activations")
     thr = _vector(thresholds, "thresholds")
@@ -222,13 +232,11 @@ def build_report(max_activations: Sequence[float] | np.ndarray, thresholds: Sequ
 
     normalised = relative_activation(acts, thr)
 
-    groups: dict[int, tuple[Concept, list[int]]] = {}
-    for unit in sorted(int(u) for u in labels):
-        concept = labels[unit]
-        groups.setdefault(concept.concept_id, (concept, []))[1].append(unit)
-
+    changes = score_changes.changes if score_changes is not None else {}
+    concepts = {concept.concept_id: concept for concept in labels.values()}
     scores = []
-    for concept, units in groups.values():
+    for concept_id, units in concept_groups(labels).items():
+        concept = concepts[concept_id]
         idx = np.array(units)
         norm = normalised[idx]
         finite = norm[np.isfinite(norm)]
@@ -243,7 +251,8 @@ def build_report(max_activations: Sequence[float] | np.ndarray, thresholds: Sequ
             unit_normalised=[float(v) if np.isfinite(v) else None for v in norm],
             unit_iou=[float(v) for v in ious[idx]] if ious is not None else None,
             unit_labelled_by=[(labelled_by or {}).get(u) for u in units],
-            labelled_by=_by_count((labelled_by or {}).get(u) for u in units)))
+            labelled_by=_by_count((labelled_by or {}).get(u) for u in units),
+            score_change=_finite(changes.get(concept.concept_id))))
     scores.sort(key=lambda s: (s.mean_normalised is None, -(s.mean_normalised or 0.0), s.name.casefold()))
 
     label_me = [LabelMe(unit=u, iou=float(ious[u]) if ious is not None else None,
@@ -259,6 +268,10 @@ def build_report(max_activations: Sequence[float] | np.ndarray, thresholds: Sequ
     if dead:
         notes.append(f"{dead} unit(s) have T <= 0 (never active at the threshold quantile): "
                      "left out of the normalised means.")
+    silenced = None
+    if score_changes is not None:
+        label = card.score_label if card is not None else "score"
+        silenced = {"of": score_changes.of, "score": float(score_changes.score), "label": label}
     roi_summary = None
     if roi is not None:
         roi_summary = {"bbox": list(roi.get("bbox") or []) or None, "area": roi.get("area")}
@@ -269,7 +282,21 @@ def build_report(max_activations: Sequence[float] | np.ndarray, thresholds: Sequ
                   aligned=aligned_units, notes=notes, thumbnail=thumbnail,
                   score=read_score(read, card.score_label if card is not None else "score"),
                   model_card=card.to_dict() if card is not None else None,
-                  domain=read.domain.to_dict() if read is not None and read.domain is not None else None)
+                  domain=read.domain.to_dict() if read is not None and read.domain is not None else None,
+                  silenced=silenced)
+
+
+def concept_groups(labels: Mapping[int, Concept]) -> dict[int, list[int]]:
+    """``{concept_id: its labelled units, ascending}`` from ``{unit: Concept}``: the groups a report has a bar
+    for, and the groups a caller silences for ``build_report(score_changes=...)``."""
+    groups: dict[int, list[int]] = {}
+    for unit in sorted(int(u) for u in labels):
+        groups.setdefault(labels[unit].concept_id, []).append(unit)
+    return groups
+
+
+def _finite(value: float | None) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
 
 
 def _by_count(names: Iterable[str | None]) -> list[str]:
@@ -305,6 +332,13 @@ def _fmt(value: float | None) -> str:
     if abs(value) >= 10:
         return f"{value:.1f}"
     return f"{value:.2f}"
+
+
+def _fmt_change(value: float) -> str:
+    """A change of a probability, signed: two decimals, three below 0.01 so a small effect is not "+0.00"."""
+    if value == 0:
+        return "0"
+    return f"{value:+.2f}" if abs(value) >= 0.01 else f"{value:+.3f}"
 
 
 def _units(n: int) -> str:
@@ -397,6 +431,54 @@ def _svg_bars(rows: list[tuple[str, float | None, str, str]], *, top_value: floa
     return "".join(parts)
 
 
+def _svg_change_bars(rows: list[tuple[str, float | None, str, str]], *, axis_label: str, width: int = 660) -> str:
+    """A horizontal bar chart of signed values around a zero line: rows of (label, value, colour, annotation);
+    the axis is symmetric, at a round number at or above the largest magnitude (at most 1: a probability)."""
+    top = max([abs(v) for _, v, _, _ in rows if v is not None] + [0.01])
+    axis_max, step = _nice_axis(top, n_ticks=2)
+    axis_max = min(axis_max, 1.0)
+    step = min(step, axis_max)
+    left, right_pad, row_h, top_pad = 180, 120, 30, 14
+    bar_w = width - left - right_pad
+    zero = left + bar_w / 2
+    height = top_pad + row_h * len(rows) + 44
+    esc = html.escape
+
+    def x(v: float) -> float:
+        return zero + (bar_w / 2) * max(-axis_max, min(v, axis_max)) / axis_max
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
+             f'height="{height}" role="img" font-family="system-ui,Segoe UI,Roboto,Helvetica,Arial,sans-serif">']
+    base = top_pad + row_h * len(rows)
+    n_steps = int(round(axis_max / step))
+    for t in [step * i for i in range(-n_steps, n_steps + 1)]:
+        parts.append(f'<line x1="{x(t):.1f}" y1="{top_pad - 4}" x2="{x(t):.1f}" y2="{base}" stroke="#eaeef2"/>')
+        parts.append(f'<text x="{x(t):.1f}" y="{base + 15}" font-size="11" fill="#57606a" '
+                     f'text-anchor="middle">{_fmt_change(t)}</text>')
+    parts.append(f'<text x="{zero:.1f}" y="{base + 33}" font-size="12" fill="#57606a" '
+                 f'text-anchor="middle">{esc(axis_label)}</text>')
+    for i, (label, value, colour, note) in enumerate(rows):
+        y = top_pad + i * row_h
+        shown = label if len(label) <= 24 else label[:23] + "…"
+        parts.append(f'<text x="{left - 10}" y="{y + row_h / 2 + 4:.1f}" font-size="13" fill="#1f2328" '
+                     f'text-anchor="end"><title>{esc(label)}</title>{esc(shown)}</text>')
+        if value is None:
+            parts.append(f'<text x="{zero + 6:.1f}" y="{y + row_h / 2 + 4:.1f}" font-size="12" fill="#57606a">'
+                         f'n/a</text>')
+            continue
+        end = x(value)
+        start, span = min(zero, end), max(abs(end - zero), 1.5)
+        parts.append(f'<rect x="{start:.1f}" y="{y + 5}" width="{span:.1f}" height="{row_h - 10}" rx="3" '
+                     f'fill="{esc(colour)}"><title>{esc(label)}: {esc(note)}</title></rect>')
+        # the note on the bar's outer side, or right of the zero line when the bar points left
+        note_x = end + 8 if value >= 0 else zero + 8
+        parts.append(f'<text x="{note_x:.1f}" y="{y + row_h / 2 + 4:.1f}" font-size="12" fill="#1f2328" '
+                     f'stroke="#fff" stroke-width="3" paint-order="stroke">{esc(note)}</text>')
+    parts.append(f'<line x1="{zero:.1f}" y1="{top_pad - 4}" x2="{zero:.1f}" y2="{base}" stroke="#8c959f"/>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 def _thumbnail_svg(report: Report, max_height: int = 430) -> str:
     thumb = report.thumbnail
     if not thumb:
@@ -467,6 +549,20 @@ def _render_html(report: Report) -> str:
     else:
         area_chart = empty
 
+    change_card = ""
+    if report.silenced is not None and report.concepts:
+        sil = report.silenced
+        of = "image score (its highest patch score)" if sil["of"] == "image" else "patch's score"
+        change_rows = [(s.name, s.score_change, s.colour,
+                        f"{_fmt_change(s.score_change)} · {sil['score']:.2f} → {sil['score'] + s.score_change:.2f}"
+                        if s.score_change is not None else "n/a")
+                       for s in report.concepts]
+        change_chart = _svg_change_bars(change_rows, axis_label=f"change in {sil['label']} with the concept silenced")
+        change_card = (f'<div class="card"><h2>Effect on the score</h2><p class="sub">Per concept: the {of} with '
+                       f'the concept\'s units set to zero at {esc(report.layer or "the dissected layer")} and the '
+                       f'forward pass finished, minus the score as read ({esc(sil["label"])} {sil["score"]:.2f}). '
+                       f'Left of zero: the model used the concept to raise the score.</p>{change_chart}</div>')
+
     if report.has_roi and report.label_me:
         rows = "".join(
             f'<tr><td>unit {c.unit}</td><td class="num">{_fmt(c.iou)}</td><td class="num">{_fmt(c.normalised)}</td>'
@@ -526,6 +622,7 @@ on the dissection patches). Raw mean and number of units beside each bar.</p>
 <div class="card"><h2>Activation area</h2>
 <p class="sub">Per concept: the mean IoU of its units' activation masks (map above T) with the ROI.</p>
 {area_chart}</div>
+{change_card}
 <div class="card"><h2>Label me</h2>{label_me}{details}</div>
 </div></div>
 <div class="notes">{notes}</div>
@@ -566,7 +663,7 @@ def make_thumbnail(display_u8: np.ndarray, max_side: int = 640, roi_mask: np.nda
 def report_for_image(ws: Workspace, image_id: str, roi: np.ndarray | Sequence[int] | None = None, *,
                      run: DissectionRun | str | None = None, loaded: LoadedModel | None = None,
                      patch_box: Sequence[int] | None = None, record: bool = False, asked_by: str = "api",
-                     source: str = "api", thumbnail: bool = True) -> Report:
+                     source: str = "api", thumbnail: bool = True, silence: bool = True) -> Report:
     """The report of one catalog image (or one patch of its read) with the workspace's current labels:
     :meth:`workspace.dissect.session.Session.report` of the session ``run`` / ``loaded`` open (the session's rule
     picks them when not given). ``roi``: a bool mask of the image (rows, cols) or an [x, y, w, h] box."""
@@ -574,6 +671,6 @@ def report_for_image(ws: Workspace, image_id: str, roi: np.ndarray | Sequence[in
 
     with Session.open(ws, run=run, loaded=loaded) as session:
         return session.report(image_id, roi, patch_box=patch_box, record=record, asked_by=asked_by,
-                              source=source, thumbnail=thumbnail)
+                              source=source, thumbnail=thumbnail, silence=silence)
 
 

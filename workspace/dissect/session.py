@@ -26,7 +26,7 @@ import json
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,6 +119,17 @@ class Lru:
 
 
 READS_IN_MEMORY = 16  # reads (maps memory-mapped from the disk cache) a session keeps at hand
+PATCHES_IN_MEMORY = 64  # patch-set patches (pixels, maps, silenced scores) kept for FiftyOne's patch reports
+
+
+@dataclass
+class _PatchPass:
+    """One patch-set patch through the model: its score, its maps at the layer, the silenced scores so far."""
+
+    x01: Any
+    score: float
+    maps: Any
+    silenced: dict = field(default_factory=dict)   # sorted units -> score
 
 
 @dataclass
@@ -126,8 +137,9 @@ class Session:
     """A workspace's model, dissection run (or None) and concept store; see the module docstring.
 
     The caches of a session, for a long-lived one (the backend): the disk cache of reads
-    (``models.inference``), the last :data:`READS_IN_MEMORY` reads in memory, and the query engine's
-    per-patch masks of the images being asked about (``workspace.dissect.query.image_masks_for``, guarded here).
+    (``models.inference``), the last :data:`READS_IN_MEMORY` reads in memory (each with the scores of its
+    patches with concepts silenced, ``models.ablation``), and the query engine's per-patch masks of the images
+    being asked about (``workspace.dissect.query.image_masks_for``, guarded here).
     One forward pass runs at a time: the CPU is shared with the server."""
 
     ws: Workspace
@@ -138,6 +150,7 @@ class Session:
     _reads: Lru = field(default_factory=lambda: Lru(READS_IN_MEMORY), repr=False)
     _forward_lock: Any = field(default_factory=threading.Lock, repr=False)
     _masks_lock: Any = field(default_factory=threading.Lock, repr=False)
+    _patches: Lru = field(default_factory=lambda: Lru(PATCHES_IN_MEMORY), repr=False)
 
     @classmethod
     def open(cls, ws: Workspace | str | os.PathLike | None, *, run: Any = None, model: Any = None,
@@ -255,6 +268,55 @@ class Session:
 
         return query_patch(self.image_masks(image_id).patch(int(index)), roi, iou_threshold=self.iou_threshold)
 
+    def score_changes(self, image_id: str, groups: Mapping[Any, Iterable[int]], *,
+                      patch_box: Sequence[int] | None = None) -> Any:
+        """What silencing each group of units does to the image score (or, with ``patch_box``, to that patch's
+        score): ``models.ablation.ScoreChanges`` keyed like ``groups``. A partial forward pass per group and
+        patch from the read's kept maps, cached on the read: the same groups again cost nothing."""
+        from models.ablation import read_score_changes
+        from workspace.dissect.reports import ReportError
+
+        read = self.read(image_id)
+        index = None
+        if patch_box is not None:
+            index = read.index_of(patch_box)
+            if index is None:
+                raise ReportError(f"no patch of the read of {image_id} has the box {list(patch_box)}")
+        with self._forward_lock:
+            return read_score_changes(self.ws, self.loaded, read, groups, index=index)
+
+    def patch_score_changes(self, patch_id: int, groups: Mapping[Any, Iterable[int]]) -> Any:
+        """The same for one patch of a patch set (a sample of FiftyOne's patches dataset): one forward pass to
+        the layer per patch (kept for the last :data:`PATCHES_IN_MEMORY` patches), then the rest per group."""
+        from models.ablation import ScoreChanges, silenced_scores, tap_layer
+        from workspace.base.catalog import open_catalog
+        from workspace.data.patches import open_patch_set
+
+        def forward() -> _PatchPass:
+            db = open_catalog(self.ws)
+            try:
+                row = db.execute("SELECT patch_set, array_index FROM patches WHERE patch_id = ?",
+                                 [int(patch_id)]).fetchone()
+            finally:
+                db.conn.close()
+            if row is None:
+                raise CatalogError(f"no patch {patch_id} in the catalog")
+            x01 = open_patch_set(self.ws, row[0]).batch([int(row[1])])
+            with self._forward_lock:
+                scores, maps = tap_layer(self.loaded, x01)
+            return _PatchPass(x01=x01, score=float(scores[0]), maps=maps)
+
+        done = self._patches.get(int(patch_id), forward)
+        keys = {key: tuple(sorted({int(u) for u in units})) for key, units in groups.items()}
+        missing = [k for k in dict.fromkeys(keys.values()) if k not in done.silenced]
+        if missing:
+            with self._forward_lock:
+                rows = silenced_scores(self.loaded, done.maps, [(), *missing], patches=done.x01)
+            done.silenced[()] = float(rows[0, 0])
+            done.silenced.update({k: float(r[0]) for k, r in zip(missing, rows[1:], strict=True)})
+        base = done.silenced.get((), done.score)
+        return ScoreChanges(of="patch", score=base, silenced={key: done.silenced[k] for key, k in keys.items()})
+
     def ask(self, image_id: str, roi: np.ndarray | Sequence[float], *, asked_by: str, source: str,
             patch_box: Sequence[int] | None = None) -> Any:
         """An ROI query answered and recorded in the concept store: the report, with its ``query_id``."""
@@ -262,11 +324,13 @@ class Session:
 
     def report(self, image_id: str, roi: np.ndarray | Sequence[float] | None = None, *,
                patch_box: Sequence[int] | None = None, record: bool = False, asked_by: str = "api",
-               source: str = "api", thumbnail: bool = True) -> Any:
+               source: str = "api", thumbnail: bool = True, silence: bool = True) -> Any:
         """The concept report of an image (or one patch of its read), with the score, the model card and
-        the domain warning; with ``record`` the ROI query is stored (``report.query_id``)."""
+        the domain warning; with ``record`` the ROI query is stored (``report.query_id``); with ``silence``
+        each concept's change of the score when its units are silenced (:meth:`score_changes`)."""
+        from workspace.base.errors import ModelError
         from workspace.dissect.concepts import encode_roi
-        from workspace.dissect.reports import ReportError, build_report, make_thumbnail
+        from workspace.dissect.reports import ReportError, build_report, concept_groups, make_thumbnail
 
         run = self.require_run()
         row = self.image(image_id)
@@ -291,6 +355,12 @@ class Session:
             aligned = [int(u) for u in result.aligned]
             roi_geometry = encode_roi(roi_pixels)
         labels = self.store.labels(run.model_digest, run.layer)
+        changes, silence_notes = None, []
+        if silence and labels:
+            try:
+                changes = self.score_changes(image_id, concept_groups(labels), patch_box=patch_box)
+            except ModelError as error:  # e.g. a layer that runs twice: the report goes out without those bars
+                silence_notes.append(f"Silencing concepts was not possible: {error}")
         query_id = None
         if record and roi_geometry is not None:
             query_id = self.store.record_query(run.model_digest, run.layer, roi=roi_geometry, ranking=iou,
@@ -308,11 +378,14 @@ class Session:
                 pixels = np.asarray(Image.open(display).convert("L"))
                 thumb = make_thumbnail(pixels, roi_mask=roi_pixels if roi_pixels is not None
                                        and roi_pixels.shape == pixels.shape else None)
-        return build_report(max_acts, run.thresholds, labels, iou=iou, aligned=aligned,
-                            iou_threshold=self.iou_threshold, image_id=image_id, patch_box=patch_box,
-                            model_digest=run.model_digest, layer=run.layer, run_id=run.run_id, query_id=query_id,
-                            roi=roi_geometry, thumbnail=thumb, read=read, card=self.card,
-                            labelled_by=self.store.labellers(run.model_digest, run.layer))
+        report = build_report(max_acts, run.thresholds, labels, iou=iou, aligned=aligned,
+                              iou_threshold=self.iou_threshold, image_id=image_id, patch_box=patch_box,
+                              model_digest=run.model_digest, layer=run.layer, run_id=run.run_id, query_id=query_id,
+                              roi=roi_geometry, thumbnail=thumb, read=read, card=self.card,
+                              labelled_by=self.store.labellers(run.model_digest, run.layer), score_changes=changes)
+        report.notes.extend(silence_notes)
+        return report
 
 
-__all__ = ["Session", "Lru", "load_run_model", "roi_mask", "roi_mask_from_png", "READS_IN_MEMORY"]
+__all__ = ["Session", "Lru", "load_run_model", "roi_mask", "roi_mask_from_png", "READS_IN_MEMORY",
+           "PATCHES_IN_MEMORY"]

@@ -1,4 +1,5 @@
-"""``mammo report IMAGE_ID``: the concept report of one read (activation value, activation area, label me).
+"""``mammo report IMAGE_ID``: the concept report of one read (activation value, activation area, effect on
+the score when each concept is silenced, label me).
 
 The ROI is in the image's normalised orientation (chest wall on the left), full-resolution pixels: a
 box ``--roi x,y,w,h`` or a mask PNG ``--roi-mask`` of the image's size (non-zero pixels are the ROI).
@@ -39,7 +40,7 @@ def _run(args: argparse.Namespace) -> int:
             roi = roi_mask_from_png(args.roi_mask, (int(row["rows"]), int(row["cols"])))
         patch = _ints(args.patch, "--patch") if args.patch else None
         report = session.report(args.image_id, roi, patch_box=patch, record=args.record,
-                                asked_by=args.by or "cli", source="cli")
+                                asked_by=args.by or "cli", source="cli", silence=not args.no_silence)
     fmt = args.format
     if args.out:
         print(report.save(args.out, fmt))
@@ -54,7 +55,8 @@ def add_parser(subparsers, parents) -> None:
     parser = subparsers.add_parser(
         "report", parents=parents, help="the concept report of one image (HTML, JSON or text)",
         description="Per concept: the mean max activation of its labelled units on the image (raw and divided "
-                    "by each unit's threshold), and with an ROI the mean IoU of its units' masks with it; "
+                    "by each unit's threshold), the change in the score when its units are silenced (set to "
+                    "zero at the dissected layer), and with an ROI the mean IoU of its units' masks with it; "
                     "aligned unlabelled units are listed as 'label me'.")
     parser.add_argument("image_id", metavar="IMAGE_ID", help="an image id from `mammo images`")
     roi = parser.add_mutually_exclusive_group()
@@ -67,4 +69,7 @@ def add_parser(subparsers, parents) -> None:
                                                      "stdout otherwise)")
     parser.add_argument("--record", action="store_true", help="record the ROI query in the concept store")
     parser.add_argument("--by", metavar="WHO", help="who asked (kept with a recorded query)")
+    parser.add_argument("--no-silence", action="store_true",
+                        help="leave out each concept's effect on the score (one partial forward pass per "
+                             "concept and patch, cached with the read)")
     parser.set_defaults(func=_run)
