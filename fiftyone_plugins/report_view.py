@@ -52,7 +52,7 @@ def charts_for_sample(mc: Any, sample_id: str) -> dict | None:
     """``{"title": markdown, "plots": [(data, layout), ...], "report": dict}`` for a patches sample."""
     from workspace.dissect.concepts import ConceptStore
     from workspace.dissect.dissection import DEFAULT_IOU_THRESHOLD
-    from workspace.dissect.reports import build_report, concept_groups
+    from workspace.dissect.reports import build_report, concept_groups, proposal_texts
 
     patches = mc.patches()
     try:
@@ -65,6 +65,7 @@ def charts_for_sample(mc: Any, sample_id: str) -> dict | None:
     with ConceptStore(mc.ws) as store:
         labels = store.labels(mc.model_digest, mc.layer)
         labelled_by = store.labellers(mc.model_digest, mc.layer)
+        proposals = proposal_texts(store, mc.model_digest, mc.layer)
         query = store.latest_query(mc.model_digest, mc.layer, image_id=sample["image_id"])
     changes, no_changes = _score_changes(mc, sample["patch_id"], concept_groups(labels))
     report = build_report(
@@ -74,7 +75,8 @@ def charts_for_sample(mc: Any, sample_id: str) -> dict | None:
         iou_threshold=query.iou_threshold if query is not None else DEFAULT_IOU_THRESHOLD,
         image_id=sample["image_id"], patch_box=[sample["x"], sample["y"], sample["size"], sample["size"]],
         model_digest=mc.model_digest, layer=mc.layer, run_id=mc.meta.get("run_id"),
-        query_id=query.query_id if query is not None else None, labelled_by=labelled_by, score_changes=changes)
+        query_id=query.query_id if query is not None else None, labelled_by=labelled_by, score_changes=changes,
+        proposals=proposals)
     d = report.to_dict()
     title = (f"**Report: patch {sample['patch_id']}** of `{sample['image_id']}` at ({sample['x']}, {sample['y']}), "
              f"model score {sample['score']:.2f}")

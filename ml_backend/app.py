@@ -273,7 +273,7 @@ class Backend:
     def report(self, image_id: str, *, maps, labels, iou=None, aligned=None, patch_box=None, query_id=None,
                roi=None):
         from workspace.dissect.dissection import max_activations
-        from workspace.dissect.reports import build_report, concept_groups
+        from workspace.dissect.reports import build_report, concept_groups, proposal_texts
 
         key = (image_id, None if patch_box is None else tuple(int(v) for v in patch_box))
         acts = self._activations.get(key, lambda: max_activations(np.asarray(maps, dtype=np.float32)).max(axis=0))
@@ -287,6 +287,7 @@ class Backend:
                             model_digest=self.run.model_digest, layer=self.run.layer, run_id=self.run.run_id,
                             query_id=query_id, roi=roi, read=self.read(image_id), card=self.card,
                             labelled_by=self.store.labellers(self.run.model_digest, self.run.layer),
+                            proposals=proposal_texts(self.store, self.run.model_digest, self.run.layer),
                             score_changes=changes)
 
     # -- interactive ROI ---------------------------------------------------------------------
@@ -331,8 +332,9 @@ class Backend:
         if not shown and q["ranking"]:
             shown = q["ranking"][:1]  # nothing aligned: still show the best match, labelled as such
         result = pr.echo_rois(results, query_id)  # the drawn box, kept in the annotation (see echo_rois)
-        proposed = {p.unit: f"{p.concept} ({p.evidence_text()})" for p in reversed(
-            self.store.proposals(self.run.model_digest, self.run.layer, units=shown))} if shown else {}
+        from workspace.dissect.reports import proposal_texts
+
+        proposed = proposal_texts(self.store, self.run.model_digest, self.run.layer) if shown else {}
         for rank, unit in enumerate(shown):
             concept = labels.get(unit)
             label = lc.MOST_ALIGNED_LABEL if rank == 0 else lc.ALIGNED_LABEL

@@ -99,7 +99,7 @@ def test_outputs_json_text_html(labels):
                           run_id="run-x", roi=roi)
     data = json.loads(report.to_json())
     assert data["concepts"][0]["name"] == "calcification" and data["concepts"][1]["n_units"] == 3
-    assert data["label_me"] == [{"unit": 4, "iou": 0.25, "activation": 0.5, "normalised": 1.0}]
+    assert data["label_me"] == [{"unit": 4, "iou": 0.25, "activation": 0.5, "normalised": 1.0, "proposal": None}]
     assert data["roi"] == {"bbox": [10, 20, 30, 40], "area": 1200}
 
     text = report.to_text()
@@ -165,3 +165,13 @@ def test_the_report_says_who_labelled_what(ws):
     assert "by labelstudio:ben@clinic, labelstudio:ana@clinic" in text and "by fiftyone:cy" in text
     assert report.to_html().count("labelstudio:ben@clinic") == 2   # one row per unit
     assert build_report(ACTS, T, labels_now).concept("mass").labelled_by == []   # not asked: not shown
+
+
+def test_label_me_units_carry_their_proposals(labels):
+    """An aligned unit without a concept but with a pending proposal says so in the "label me" list."""
+    report = build_report(ACTS, T, labels, iou=IOU, proposals={4: "spiculated (IoU 0.03 over 9 lesions)",
+                                                               1: "labelled units do not list it"})
+    assert [(c.unit, c.proposal) for c in report.label_me] == [(4, "spiculated (IoU 0.03 over 9 lesions)")]
+    assert "Label me: unit 4 (0.25; proposed: spiculated (IoU 0.03 over 9 lesions))" in report.to_text()
+    assert "<th>proposed concept</th>" in report.to_html() and "over 9 lesions" in report.to_html()
+    assert "proposed" not in build_report(ACTS, T, labels, iou=IOU).to_text()

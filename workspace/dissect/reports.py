@@ -91,6 +91,7 @@ class LabelMe:
     iou: float | None                   # None when the aligned set was given without IoUs
     activation: float
     normalised: float | None
+    proposal: str | None = None         # a pending concept proposal, with its evidence
 
 
 @dataclass
@@ -169,7 +170,8 @@ class Report:
         if len(self.concepts) > max_concepts:
             lines.append(f"+{len(self.concepts) - max_concepts} more concepts")
         if self.label_me:
-            shown = ", ".join(f"{c.unit} ({_fmt(c.iou)})" for c in self.label_me[:max_candidates])
+            shown = ", ".join(f"{c.unit} ({_fmt(c.iou)}" + (f"; proposed: {c.proposal})" if c.proposal else ")")
+                              for c in self.label_me[:max_candidates])
             more = f" +{len(self.label_me) - max_candidates}" if len(self.label_me) > max_candidates else ""
             lines.append(f"Label me: unit {shown}{more}")
         return "\n".join(lines)
@@ -196,7 +198,8 @@ def build_report(max_activations: Sequence[float] | np.ndarray, thresholds: Sequ
                  model_digest: str | None = None, layer: str | None = None, run_id: str | None = None,
                  query_id: int | None = None, roi: Mapping[str, Any] | None = None,
                  thumbnail: dict | None = None, read: Any = None, card: Any = None,
-                 labelled_by: Mapping[int, str] | None = None, score_changes: Any = None) -> Report:
+                 labelled_by: Mapping[int, str] | None = None, score_changes: Any = None,
+                 proposals: Mapping[int, str] | None = None) -> Report:
     """The report of one image or patch from plain arrays.
 
     ``max_activations`` (units,): each unit's maximum activation on the image (or patch);
@@ -207,6 +210,8 @@ def build_report(max_activations: Sequence[float] | np.ndarray, thresholds: Sequ
     (a ``models.card.ModelCard``) what the model was trained on, ``labelled_by`` (``{unit: reader}``, from
     ``ConceptStore.labellers``) who labelled what. ``score_changes`` (a ``models.ablation.ScoreChanges`` keyed
     by concept id, from :func:`concept_groups`) adds each concept's change of the score when its units are silenced.
+    ``proposals`` (``{unit: text}``, from :func:`proposal_texts`) puts pending concept proposals on the "label me"
+    units.
     """
     acts = _vector(max_activations, "max_activations")
     thr = _vector(thresholds, "thresholds")
@@ -257,7 +262,8 @@ def build_report(max_activations: Sequence[float] | np.ndarray, thresholds: Sequ
 
     label_me = [LabelMe(unit=u, iou=float(ious[u]) if ious is not None else None,
                         activation=float(acts[u]),
-                        normalised=float(normalised[u]) if np.isfinite(normalised[u]) else None)
+                        normalised=float(normalised[u]) if np.isfinite(normalised[u]) else None,
+                        proposal=(proposals or {}).get(u))
                 for u in aligned_units if u not in labels]
     label_me.sort(key=lambda c: (-(c.iou or 0.0), c.unit))
 
@@ -297,6 +303,11 @@ def concept_groups(labels: Mapping[int, Concept]) -> dict[int, list[int]]:
 
 def _finite(value: float | None) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
+
+
+def proposal_texts(store: Any, model_digest: str, layer: str) -> dict[int, str]:
+    """``{unit: "spiculated (IoU 0.03 over 9 lesions)"}``: each unit's best pending proposal, for reports."""
+    return {p.unit: f"{p.concept} ({p.evidence_text()})" for p in reversed(store.proposals(model_digest, layer))}
 
 
 def _by_count(names: Iterable[str | None]) -> list[str]:
@@ -566,10 +577,10 @@ def _render_html(report: Report) -> str:
     if report.has_roi and report.label_me:
         rows = "".join(
             f'<tr><td>unit {c.unit}</td><td class="num">{_fmt(c.iou)}</td><td class="num">{_fmt(c.normalised)}</td>'
-            f'<td class="num">{_fmt(c.activation)}</td></tr>' for c in report.label_me)
+            f'<td class="num">{_fmt(c.activation)}</td><td>{esc(c.proposal or "–")}</td></tr>' for c in report.label_me)
         label_me = (f'<p class="sub">{len(report.label_me)} unit(s) align with the ROI but carry no concept yet. '
                     f'Label them to make the next reports finer.</p><table><tr><th>unit</th><th>IoU</th>'
-                    f'<th>activation ÷ T</th><th>activation</th></tr>{rows}</table>')
+                    f'<th>activation ÷ T</th><th>activation</th><th>proposed concept</th></tr>{rows}</table>')
     elif report.has_roi and not report.aligned:
         label_me = (f'<p class="empty">No unit is aligned with this ROI (IoU &ge; {report.iou_threshold:g}): '
                     f'nothing to label.</p>')

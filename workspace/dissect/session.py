@@ -330,7 +330,13 @@ class Session:
         each concept's change of the score when its units are silenced (:meth:`score_changes`)."""
         from workspace.base.errors import ModelError
         from workspace.dissect.concepts import encode_roi
-        from workspace.dissect.reports import ReportError, build_report, concept_groups, make_thumbnail
+        from workspace.dissect.reports import (
+            ReportError,
+            build_report,
+            concept_groups,
+            make_thumbnail,
+            proposal_texts,
+        )
 
         run = self.require_run()
         row = self.image(image_id)
@@ -382,7 +388,8 @@ class Session:
                               iou_threshold=self.iou_threshold, image_id=image_id, patch_box=patch_box,
                               model_digest=run.model_digest, layer=run.layer, run_id=run.run_id, query_id=query_id,
                               roi=roi_geometry, thumbnail=thumb, read=read, card=self.card,
-                              labelled_by=self.store.labellers(run.model_digest, run.layer), score_changes=changes)
+                              labelled_by=self.store.labellers(run.model_digest, run.layer), score_changes=changes,
+                              proposals=proposal_texts(self.store, run.model_digest, run.layer))
         report.notes.extend(silence_notes)
         return report
 
