@@ -309,9 +309,10 @@ def test_readers_who_disagree_through_label_studio(provisioned, labelstudio_serv
         units = {pr.unit_of_region(r): r["meta"]["text"][0] for r in results if r.get("from_name") == "units"}
         return units, next(r for r in results if r["type"] == "textarea")["value"]["text"][0]
 
-    units, _report = shown(answer())
+    units, report = shown(answer())
     assert units and set(units) <= set(aligned)
     assert all(text.endswith(concepts[1]) for text in units.values())        # latest: Dan's
+    assert "silenced: " in report   # what each concept does to the score, in the answer Label Studio shows
     with ConceptStore(ws) as store:
         store.set_rule("majority", by="lead")
     try:

@@ -30,6 +30,7 @@ done) let the driver show progress and let an operator see which process holds w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -255,6 +256,11 @@ class _ReadWorker:
         return {"results": out, **who}
 
 
+def _stop(ray: Any, actors: list) -> None:
+    for actor in actors:
+        ray.kill(actor, no_restart=True)
+
+
 def _actor_class(ray: Any, worker: type, plan: WorkerPlan) -> Any:
     return ray.remote(worker).options(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_restarts=MAX_RESTARTS,
                                       max_task_retries=MAX_RESTARTS)
@@ -320,24 +326,36 @@ def dissect_on_ray(ws: Workspace, loaded: Any, *, patch_set: str = "default", sp
     finally:
         db.conn.close()
     source = dr.model_source(ws, loaded, patch_set=patch_set, split=split, layer=layer, batch_size=batch_size)
-    prepared = dr.prepare_run(ws, source, quantile=quantile, top_k=top_k, memory_budget_mb=memory_budget_mb,
-                              device="cpu")
-    if isinstance(prepared, dr.DissectionRun):
-        return prepared
-    stats = prepared.stats
     n = len(source.patch_ids)
-    shard_dir = prepared.partial / "shards"
-    shard_dir.mkdir(exist_ok=True)
     spec = ModelSpec.of(ws, loaded, source.identity["layer"])
     root = str(worker_root or ws.root)
     with cluster(address, num_cpus=num_cpus) as ray:
-        count = shards or default_shards(n, stats.n_units, WorkerPlan.for_cluster(ray, workers, n).workers,
-                                         memory_budget_mb)
+        # the actors start (a process, torch, the model) while this process sizes the run; a finished run, or
+        # fewer shards left than actors, stops the ones not needed
+        plan = WorkerPlan.for_cluster(ray, workers, shards or math.ceil(n / batch_size))
+        actors = [_actor_class(ray, _DissectWorker, plan).remote(root, spec, patch_set, split, batch_size,
+                                                                 plan.threads()) for _ in range(plan.workers)]
+        try:
+            prepared = dr.prepare_run(ws, source, quantile=quantile, top_k=top_k,
+                                      memory_budget_mb=memory_budget_mb, device="cpu")
+        except BaseException:
+            _stop(ray, actors)
+            raise
+        if isinstance(prepared, dr.DissectionRun):
+            _stop(ray, actors)
+            return prepared
+        stats = prepared.stats
+        shard_dir = prepared.partial / "shards"
+        shard_dir.mkdir(exist_ok=True)
+        count = shards or default_shards(n, stats.n_units, plan.workers, memory_budget_mb)
         bounds = shard_bounds(n, count, batch_size)
         key = {"config": prepared.config, "bounds": bounds}
         saved = {k for k in range(len(bounds)) if _saved_shard(shard_dir, k, key) is not None}
         todo = [k for k in range(len(bounds)) if k not in saved]
-        plan = WorkerPlan.for_cluster(ray, workers, len(todo))
+        if len(todo) < len(actors):
+            _stop(ray, actors[len(todo):])
+            actors = actors[:len(todo)]
+            plan = dataclasses.replace(plan, workers=len(actors))
         bar = progress(total=n, desc=f"dissect {source.identity['layer']} on Ray ({plan.workers} workers, "
                                      f"{len(bounds)} shards)", unit="patch")
         bar.update(sum(bounds[k][1] - bounds[k][0] for k in saved))
@@ -354,9 +372,6 @@ def dissect_on_ray(ws: Workspace, loaded: Any, *, patch_set: str = "default", sp
 
         try:
             if todo:
-                actor = _actor_class(ray, _DissectWorker, plan)
-                actors = [actor.remote(root, spec, patch_set, split, batch_size, plan.threads())
-                          for _ in range(plan.workers)]
                 ids = ids_digest(source.patch_ids)
                 calls = [(k, (k, *bounds[k], ids, stats.plan, quantile, top_k, stats.n_units,
                               list(stats.map_shape), os.path.relpath(shard_dir, ws.root))) for k in todo]
