@@ -203,10 +203,9 @@ def check_unit(mc: MapContext, unit: Any) -> int:
     return value
 
 
-def label_units(mc: MapContext, units: Any, concept: str, *, by: str, description: str | None = None) -> int:
-    """Label ``units`` with ``concept`` (created when new) in the store, then copy labels to the dataset."""
-    from fiftyone_plugins.sync import refresh_concepts
-    from workspace.dissect.concepts import ConceptStore, parse_units
+def _selected(units: Any) -> list[int]:
+    """The units a panel action was given (a list or "3,5-7"), at least one; a :class:`PluginError` otherwise."""
+    from workspace.dissect.concepts import parse_units
 
     try:
         unit_list = parse_units(units)
@@ -214,6 +213,15 @@ def label_units(mc: MapContext, units: Any, concept: str, *, by: str, descriptio
         raise PluginError(str(error)) from error
     if not unit_list:
         raise PluginError("select units on the map first (lasso or box select)")
+    return unit_list
+
+
+def label_units(mc: MapContext, units: Any, concept: str, *, by: str, description: str | None = None) -> int:
+    """Label ``units`` with ``concept`` (created when new) in the store, then copy labels to the dataset."""
+    from fiftyone_plugins.sync import refresh_concepts
+    from workspace.dissect.concepts import ConceptStore
+
+    unit_list = _selected(units)
     name = (concept or "").strip()
     if not name:
         raise PluginError("choose a concept or type a new one")
@@ -228,14 +236,9 @@ def decide_proposals(mc: MapContext, units: Any, *, accept: bool, by: str) -> li
     """Accept (label each unit with its proposed concept) or reject the pending proposals of ``units``, in one
     action; returns the proposals decided."""
     from fiftyone_plugins.sync import refresh_concepts
-    from workspace.dissect.concepts import ConceptStore, parse_units
+    from workspace.dissect.concepts import ConceptStore
 
-    try:
-        unit_list = parse_units(units)
-    except MammoError as error:
-        raise PluginError(str(error)) from error
-    if not unit_list:
-        raise PluginError("select units on the map first (lasso or box select)")
+    unit_list = _selected(units)
     with ConceptStore(mc.ws) as store:
         pending = store.proposals(mc.model_digest, mc.layer, units=unit_list)
         if not pending:

@@ -17,7 +17,7 @@ from torch import nn
 
 from models import ablation
 from models.ablation import ScoreChanges, rest_of_network, silence_patches, silenced_scores
-from models.checkpoint import LoadedModel, base_meta, load_checkpoint, save_checkpoint
+from models.checkpoint import LoadedModel, base_meta
 from models.features import get_layer
 from models.vgg import build_vgg
 from workspace.base.errors import ModelError
@@ -135,25 +135,9 @@ def test_batches_hold_every_group_of_a_patch(monkeypatch):
 @pytest.fixture(scope="module")
 def read_ws(tmp_path_factory, _quiet_and_contained):
     """One synthetic patient, a tiny slim VGG (random weights, 64-pixel patches), its reads and a run."""
-    from models.inference import read_mammogram
-    from workspace.base.catalog import open_catalog
-    from workspace.base.config import Workspace
-    from workspace.data import synth
-    from workspace.dissect.dissect_run import ActivationSource, execute_run
+    from tests.fixtures.pipeline import tiny_read_run
 
-    ws = Workspace.open(tmp_path_factory.mktemp("ablation-ws") / "ws")
-    synth.synthesize(ws, 1, image_shape=(320, 256), variants=False)
-    torch.manual_seed(0)
-    path = ws.models_dir / "tiny" / "model.pt"
-    save_checkpoint(path, build_vgg("vgg16_slim"), base_meta("vgg16_slim", input_size=PATCH))
-    loaded = load_checkpoint(path, device="cpu")
-    ids = [r["image_id"] for r in open_catalog(ws).query("SELECT image_id FROM images ORDER BY image_id")]
-    reads = [read_mammogram(ws, i, loaded, keep_maps=True) for i in ids]
-    maps = np.concatenate([np.asarray(r.maps, dtype=np.float32) for r in reads])
-    source = ActivationSource(np.arange(len(maps)), lambda a, b: torch.from_numpy(maps[a:b]),
-                              {"model_digest": loaded.digest, "layer": loaded.dissected_layer,
-                               "patch_set": "read-patches", "patch_set_digest": "t", "split": "all"})
-    run = execute_run(ws, source, top_k=4)
+    ws, loaded, run, ids, reads = tiny_read_run(tmp_path_factory.mktemp("ablation-ws") / "ws", PATCH)
     image_id = max(ids, key=lambda i: len(reads[ids.index(i)].boxes))
     return {"ws": ws, "loaded": loaded, "run": run, "image_id": image_id}
 

@@ -20,7 +20,7 @@ def _effect_plot(charts: dict) -> tuple[list, dict] | None:
 def test_patch_report_has_the_effect_on_the_score(fo_pipeline, pipeline):
     from fiftyone_plugins import report_view
     from fiftyone_plugins.actions import context_of
-    from models.features import get_layer
+    from tests.test_ablation import zeroed_by_hook
     from workspace.base.catalog import open_catalog
     from workspace.data.patches import open_patch_set
 
@@ -43,16 +43,7 @@ def test_patch_report_has_the_effect_on_the_score(fo_pipeline, pipeline):
         x01 = open_patch_set(ws, name).batch([index])
         loaded = pipeline.loaded
 
-        def zero(_m, _i, output):
-            output = output.clone()
-            output[:, units] = 0
-            return output
-
-        handle = get_layer(loaded.model, loaded.dissected_layer).register_forward_hook(zero)
-        try:
-            silenced = float(loaded.predict_proba(x01)[0])
-        finally:
-            handle.remove()
+        silenced = float(zeroed_by_hook(loaded, x01, units)[0])
         as_read = float(loaded.predict_proba(x01)[0])
         assert abs(silenced - as_read) > 1e-3                 # these units matter to this patch's score
         assert data["x"][row] == pytest.approx(silenced - as_read, abs=1e-5)

@@ -7,20 +7,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from models.checkpoint import base_meta, load_checkpoint, save_checkpoint
-from models.inference import read_mammogram
-from models.vgg import build_vgg
+from tests.fixtures.pipeline import tiny_read_run
 from workspace.app.cli import main
-from workspace.base.catalog import open_catalog
-from workspace.base.config import Workspace
 from workspace.base.errors import CatalogError, QueryError
-from workspace.data import synth
 from workspace.dissect import query
 from workspace.dissect.concepts import ConceptStore
-from workspace.dissect.dissect_run import ActivationSource, execute_run
 from workspace.dissect.reports import report_for_image
 
 PATCH = 64
@@ -28,19 +21,7 @@ PATCH = 64
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    ws = Workspace.open(tmp_path_factory.mktemp("report-ws") / "ws")
-    synth.synthesize(ws, 1, image_shape=(320, 256), variants=False)
-    torch.manual_seed(0)
-    path = ws.models_dir / "tiny" / "model.pt"
-    save_checkpoint(path, build_vgg("vgg16_slim"), base_meta("vgg16_slim", input_size=PATCH))
-    loaded = load_checkpoint(path, device="cpu")
-    ids = [r["image_id"] for r in open_catalog(ws).query("SELECT image_id FROM images ORDER BY image_id")]
-    reads = [read_mammogram(ws, i, loaded, keep_maps=True) for i in ids]    # also registers the model
-    maps = np.concatenate([np.asarray(r.maps, dtype=np.float32) for r in reads])
-    source = ActivationSource(np.arange(len(maps)), lambda a, b: torch.from_numpy(maps[a:b]),
-                              {"model_digest": loaded.digest, "layer": loaded.dissected_layer,
-                               "patch_set": "read-patches", "patch_set_digest": "t", "split": "all"})
-    run = execute_run(ws, source, top_k=4)
+    ws, loaded, run, ids, reads = tiny_read_run(tmp_path_factory.mktemp("report-ws") / "ws", PATCH)
     image_id = max(ids, key=lambda i: len(reads[ids.index(i)].boxes))
     read = reads[ids.index(image_id)]
     # an ROI where one live unit is active above its threshold: that unit's own mask on the image

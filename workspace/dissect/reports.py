@@ -378,6 +378,13 @@ footer{color:#57606a;font-size:12px;margin-top:22px;max-width:900px}
 """
 
 
+def _row_label(label: str, left: float, baseline: float) -> str:
+    """A bar chart's row name, right-aligned left of the bars (long names cut, whole in the tooltip)."""
+    shown = label if len(label) <= 24 else label[:23] + "…"
+    return (f'<text x="{left - 10}" y="{baseline:.1f}" font-size="13" fill="#1f2328" text-anchor="end">'
+            f'<title>{html.escape(label)}</title>{html.escape(shown)}</text>')
+
+
 def _nice_axis(value: float, n_ticks: int = 4) -> tuple[float, float]:
     """A round axis end at or above ``value`` and its tick step (1, 2, 2.5 or 5 times a power of ten)."""
     if value <= 0 or not math.isfinite(value):
@@ -420,9 +427,7 @@ def _svg_bars(rows: list[tuple[str, float | None, str, str]], *, top_value: floa
         parts.append(f'<text x="{rx + 4:.1f}" y="{top - 1}" font-size="11" fill="#1f2328">{esc(reference_label)}</text>')
     for i, (label, value, colour, note) in enumerate(rows):
         y = top + i * row_h
-        shown = label if len(label) <= 24 else label[:23] + "…"
-        parts.append(f'<text x="{left - 10}" y="{y + row_h / 2 + 4:.1f}" font-size="13" fill="#1f2328" '
-                     f'text-anchor="end"><title>{esc(label)}</title>{esc(shown)}</text>')
+        parts.append(_row_label(label, left, y + row_h / 2 + 4))
         if value is None:
             parts.append(f'<text x="{left + 4}" y="{y + row_h / 2 + 4:.1f}" font-size="12" fill="#57606a">'
                          f'n/a</text>')
@@ -470,9 +475,7 @@ def _svg_change_bars(rows: list[tuple[str, float | None, str, str]], *, axis_lab
                  f'text-anchor="middle">{esc(axis_label)}</text>')
     for i, (label, value, colour, note) in enumerate(rows):
         y = top_pad + i * row_h
-        shown = label if len(label) <= 24 else label[:23] + "…"
-        parts.append(f'<text x="{left - 10}" y="{y + row_h / 2 + 4:.1f}" font-size="13" fill="#1f2328" '
-                     f'text-anchor="end"><title>{esc(label)}</title>{esc(shown)}</text>')
+        parts.append(_row_label(label, left, y + row_h / 2 + 4))
         if value is None:
             parts.append(f'<text x="{zero + 6:.1f}" y="{y + row_h / 2 + 4:.1f}" font-size="12" fill="#57606a">'
                          f'n/a</text>')
