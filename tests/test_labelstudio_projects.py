@@ -265,10 +265,12 @@ def test_two_readers_with_their_own_accounts_label_at_the_same_time(provisioned,
         assert f"by labelstudio:{reader.username}" in report.to_text(max_concepts=50)
 
 
-def test_readers_who_disagree_through_label_studio(provisioned, labelstudio_server, ls_pipeline):
+def test_readers_who_disagree_through_label_studio(provisioned, labelstudio_server, ls_pipeline, fo_db, monkeypatch):
     """Two readers with their own accounts name the same ROI's units differently in Label Studio: the store shows
     them disputed (`mammo concepts agreement`), the answer Label Studio shows follows the team's rule (latest:
-    the second reader's concept; majority: a tie, so the units are offered to label again)."""
+    the second reader's concept; majority: a tie, so the units are offered to label again). Then a curator in
+    FiftyOne sides with the first reader: three readers, still disputed, and the majority names the first
+    reader's concept in Label Studio's answer."""
     from tests.fixtures.labelstudio import sign_up
     from workspace.app.cli import main
     from workspace.dissect.concepts import ConceptStore
@@ -319,6 +321,27 @@ def test_readers_who_disagree_through_label_studio(provisioned, labelstudio_serv
         units, report = shown(answer())
         assert all(text.endswith("unlabelled") for text in units.values())   # a tie: no label
         assert "Label me: unit" in report
+        # a curator in FiftyOne, on the same workspace's datasets, agrees with Cleo through the plugin's operator
+        import fiftyone.operators as foo
+
+        from fiftyone_plugins import operator_uri
+        from fiftyone_plugins.sync import sync
+
+        patches, neurons = sync(ws, run, prefix="ls-team", loaded=ls_pipeline.loaded)
+        monkeypatch.setenv("MAMMO_USER", "fiftyone:curator")
+        foo.execute_operator(operator_uri("label_units"), dataset=patches,
+                             params={"units": ",".join(map(str, sorted(aligned))), "concept": concepts[0]})
+        with ConceptStore(ws) as store:
+            found = store.agreement(run.model_digest, run.layer)
+        disputed = {u.unit: u.votes for u in found.disputed}
+        assert all(disputed[u] == {who[0]: concepts[0], who[1]: concepts[1], "fiftyone:curator": concepts[0]}
+                   for u in aligned)
+        assert found.fleiss_kappa is not None
+        units, _report = shown(answer())
+        assert all(text.endswith(concepts[0]) for text in units.values())      # majority: Cleo and the curator
+        from fiftyone import ViewField as F
+
+        assert set(neurons.match(F("unit").is_in(sorted(aligned))).values("disputed")) == {True}
     finally:
         with ConceptStore(ws) as store:
             store.set_rule("latest", by="lead")
