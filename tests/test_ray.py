@@ -62,6 +62,22 @@ def _assert_same_run(run, reference):
         np.testing.assert_array_equal(getattr(run, name), getattr(reference, name), err_msg=name)
 
 
+def test_a_finished_request_needs_no_cluster(pipeline, copy_of_pipeline, monkeypatch):
+    """`mammo dissect --ray` of a request already run finds the run before it would start a local cluster (this
+    test runs before the module's cluster starts)."""
+    from workspace.dissect import cluster as cluster_module
+
+    pytest.importorskip("ray")
+    shutil.copytree(pipeline.run.path, copy_of_pipeline.runs_dir / pipeline.run.run_id)
+
+    def no_cluster(*_args, **_kwargs):
+        raise AssertionError("a cluster was started for a finished run")
+
+    monkeypatch.setattr(cluster_module, "cluster", no_cluster)
+    run = cluster_module.dissect_on_ray(copy_of_pipeline, pipeline.loaded, patch_set="default", split=None)
+    _assert_same_run(run, pipeline.run)
+
+
 def test_a_ray_run_equals_the_single_pass_for_any_shard_count(ray_cluster, pipeline, copy_of_pipeline):
     from workspace.dissect.cluster import dissect_on_ray
 

@@ -329,19 +329,28 @@ def dissect_on_ray(ws: Workspace, loaded: Any, *, patch_set: str = "default", sp
     n = len(source.patch_ids)
     spec = ModelSpec.of(ws, loaded, source.identity["layer"])
     root = str(worker_root or ws.root)
+
+    def sized() -> Any:   # the run's statistics sized from its first batch, and its id (or the finished run)
+        return dr.prepare_run(ws, source, quantile=quantile, top_k=top_k, memory_budget_mb=memory_budget_mb,
+                              device="cpu")
+
+    # joining a running cluster is quick, so its actors start (a process, torch, the model) while this process
+    # sizes the run; before starting a local cluster, the run is sized first (a finished run needs no cluster)
+    joining = address is not None or _ray().is_initialized()
+    prepared = None if joining else sized()
+    if isinstance(prepared, dr.DissectionRun):
+        return prepared
     with cluster(address, num_cpus=num_cpus) as ray:
-        # the actors start (a process, torch, the model) while this process sizes the run; a finished run, or
-        # fewer shards left than actors, stops the ones not needed
         plan = WorkerPlan.for_cluster(ray, workers, shards or math.ceil(n / batch_size))
         actors = [_actor_class(ray, _DissectWorker, plan).remote(root, spec, patch_set, split, batch_size,
                                                                  plan.threads()) for _ in range(plan.workers)]
-        try:
-            prepared = dr.prepare_run(ws, source, quantile=quantile, top_k=top_k,
-                                      memory_budget_mb=memory_budget_mb, device="cpu")
-        except BaseException:
-            _stop(ray, actors)
-            raise
-        if isinstance(prepared, dr.DissectionRun):
+        if prepared is None:
+            try:
+                prepared = sized()
+            except BaseException:
+                _stop(ray, actors)
+                raise
+        if isinstance(prepared, dr.DissectionRun):   # found finished: no actor is needed
             _stop(ray, actors)
             return prepared
         stats = prepared.stats
