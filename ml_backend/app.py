@@ -47,6 +47,7 @@ from workspace.base.catalog import json_default
 from workspace.base.config import Workspace
 from workspace.base.errors import MammoError
 from workspace.dissect.concepts import encode_roi
+from workspace.dissect.reports import proposal_texts
 from workspace.dissect.session import Lru, Session
 
 log = logging.getLogger("mammo.ml_backend")
@@ -271,7 +272,8 @@ class Backend:
         return out
 
     def report(self, image_id: str, *, maps, labels, iou=None, aligned=None, patch_box=None, query_id=None,
-               roi=None):
+               roi=None, proposals=None):
+        """The report of an image or patch; ``proposals`` (``reports.proposal_texts``) when the caller has them."""
         from workspace.dissect.dissection import max_activations
         from workspace.dissect.reports import build_report, concept_groups, proposal_texts
 
@@ -287,7 +289,8 @@ class Backend:
                             model_digest=self.run.model_digest, layer=self.run.layer, run_id=self.run.run_id,
                             query_id=query_id, roi=roi, read=self.read(image_id), card=self.card,
                             labelled_by=self.store.labellers(self.run.model_digest, self.run.layer),
-                            proposals=proposal_texts(self.store, self.run.model_digest, self.run.layer),
+                            proposals=proposal_texts(self.store, self.run.model_digest, self.run.layer)
+                            if proposals is None else proposals,
                             score_changes=changes)
 
     # -- interactive ROI ---------------------------------------------------------------------
@@ -332,9 +335,7 @@ class Backend:
         if not shown and q["ranking"]:
             shown = q["ranking"][:1]  # nothing aligned: still show the best match, labelled as such
         result = pr.echo_rois(results, query_id)  # the drawn box, kept in the annotation (see echo_rois)
-        from workspace.dissect.reports import proposal_texts
-
-        proposed = proposal_texts(self.store, self.run.model_digest, self.run.layer) if shown else {}
+        proposed = proposal_texts(self.store, self.run.model_digest, self.run.layer)   # regions and report
         for rank, unit in enumerate(shown):
             concept = labels.get(unit)
             label = lc.MOST_ALIGNED_LABEL if rank == 0 else lc.ALIGNED_LABEL
@@ -347,7 +348,7 @@ class Backend:
         read = self.read(q["image_id"])
         maps = read.maps if q["index"] is None else read.maps[[q["index"]]]
         report = self.report(q["image_id"], maps=maps, labels=labels, iou=q["iou"], aligned=q["aligned"],
-                             patch_box=q["patch_box"], query_id=query_id, roi=roi_geometry)
+                             patch_box=q["patch_box"], query_id=query_id, roi=roi_geometry, proposals=proposed)
         result.append(pr.text_area(report.to_text(), to_name=info.image_name))
         best = float(q["iou"][shown[0]]) if shown else 0.0
         return {"result": result, "score": best, "model_version": self.model_version,
