@@ -91,6 +91,35 @@ def test_a_ray_run_equals_the_single_pass_for_any_shard_count(ray_cluster, pipel
         shutil.rmtree(run.path)   # the next shard count computes it again
 
 
+def test_a_driver_joining_a_cluster_starts_its_workers_before_it_loads_the_model(ray_cluster, pipeline,
+                                                                                  copy_of_pipeline, monkeypatch):
+    """The workers' start-up (a process, torch) overlaps the driver's (torch, the model, the first batch): the
+    issue's 1-worker overhead. The command's modules import without torch, so the workers start first there."""
+    from workspace.dissect import cluster as cluster_module
+
+    events: list[str] = []
+    real = cluster_module._actor_class
+
+    def actor_class(*args, **kwargs):
+        events.append("actor class")
+        return real(*args, **kwargs)
+
+    def load():
+        events.append("model loaded")
+        return pipeline.loaded
+
+    monkeypatch.setattr(cluster_module, "_actor_class", actor_class)
+    run = cluster_module.dissect_on_ray(copy_of_pipeline, load, address=ray_cluster, patch_set="default",
+                                        split=None, workers=2)
+    assert events == ["actor class", "actor class", "model loaded"]
+    _assert_same_run(run, pipeline.run)
+
+    code = ("import sys, workspace.app.cli, workspace.app.commands.dissect, workspace.dissect.cluster\n"
+            "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
+
+
 def test_a_worker_killed_half_way_changes_nothing(ray_cluster, pipeline, copy_of_pipeline):
     ws = copy_of_pipeline
     final = ws.runs_dir / pipeline.run.run_id

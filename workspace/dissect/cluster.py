@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from workspace.base.config import Workspace
 from workspace.base.errors import MammoError
@@ -97,13 +96,15 @@ class WorkerPlan:
     num_gpus: float
 
     @classmethod
-    def for_cluster(cls, ray: Any, wanted: int | None, tasks: int) -> WorkerPlan:
+    def for_cluster(cls, ray: Any, wanted: int | None, tasks: int | None = None) -> WorkerPlan:
+        """``tasks``: at most one actor per task (None: not known yet)."""
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+        cap = max(tasks, 1) if tasks is not None else math.inf
         if gpus:   # one actor per GPU
-            workers = min(wanted or gpus, gpus, max(tasks, 1))
+            workers = min(wanted or gpus, gpus, cap)
             return cls(workers, 1, 1)
-        workers = min(wanted or cpus, max(tasks, 1))
+        workers = min(wanted or cpus, cap)
         return cls(workers, max(1, cpus // workers) if workers <= cpus else 1, 0)
 
     def threads(self) -> int:
@@ -175,27 +176,58 @@ def read_progress(folder: Path) -> dict[int, dict]:
     return found
 
 
-class _DissectWorker:
-    """One Ray actor: the model loaded once, the patch set opened once; ``dissect`` computes one shard."""
+class _Worker:
+    """One Ray actor's process. Started before the driver has loaded its model (its start-up, imports
+    included, overlaps the driver's), it gets the model's :class:`ModelSpec` with each call, loads the
+    model on the first call that names it and keeps it for the next."""
 
-    def __init__(self, root: str, spec: ModelSpec, patch_set: str, split: str | None, batch_size: int,
-                 threads: int):
-        from workspace.dissect.dissect_run import model_source
+    def __init__(self, root: str, threads: int):
+        import torch
 
-        self.ws, self.loaded = _open_worker(root, spec, threads)
-        self.source = model_source(self.ws, self.loaded, patch_set=patch_set, split=split, layer=spec.layer,
-                                   batch_size=batch_size)
+        import models.checkpoint  # noqa: F401  (the first call's imports, done while the driver starts)
+        import models.device  # noqa: F401
 
-    def dissect(self, shard: int, start: int, stop: int, expected_ids: str, plan: dict, quantile: float,
-                top_k: int, n_units: int, map_shape: list[int], progress_dir: str) -> dict:
-        """Statistics of patches [start, stop) (``progress_dir``: relative to the workspace)."""
-        from workspace.dissect.dissect_run import DissectionStats
+        torch.set_num_threads(threads)
+        self.ws = Workspace.open(root, create=False)
+        self.spec: ModelSpec | None = None
+        self.loaded: Any = None
 
+    def model(self, spec: ModelSpec) -> Any:
+        """The model ``spec`` names, on this actor's GPU when Ray gave it one."""
+        from models.device import pick_device
+
+        if spec != self.spec:
+            self.loaded, self.spec = spec.load(self.ws, pick_device()), spec
+        return self.loaded
+
+
+class _DissectWorker(_Worker):
+    """``dissect`` computes one shard; the patch set is opened once per model and request."""
+
+    def __init__(self, root: str, threads: int):
+        import workspace.dissect.dissect_run  # noqa: F401
+
+        super().__init__(root, threads)
+        self.source: Any = None
+        self.source_key: tuple | None = None
+
+    def dissect(self, spec: ModelSpec, source: dict, shard: int, start: int, stop: int, expected_ids: str,
+                plan: dict, quantile: float, top_k: int, n_units: int, map_shape: list[int],
+                progress_dir: str) -> dict:
+        """Statistics of patches [start, stop) of the patch set ``source`` names (``patch_set``, ``split``,
+        ``batch_size``); ``progress_dir``: relative to the workspace."""
+        from workspace.dissect.dissect_run import DissectionStats, model_source
+
+        loaded = self.model(spec)
+        key = (spec, sorted(source.items()))
+        if key != self.source_key:
+            self.source = model_source(self.ws, loaded, layer=spec.layer, **source)
+            self.source_key = key
         ids = self.source.patch_ids
         if ids_digest(ids) != expected_ids:
             raise ClusterError("a worker sees other patches than the driver (the patch set changed, or the "
                                "workers' workspace is another one)")
-        stats = DissectionStats(n_units, tuple(map_shape), plan, quantile, top_k, self.loaded.device,
+        stats = DissectionStats(n_units, tuple(map_shape), plan, quantile, top_k, loaded.device,
                                 n_patches=stop - start)
         record = self.ws.root / progress_dir / f"{shard}.progress"
         who = {"pid": os.getpid(), "host": socket.gethostname(), "total": stop - start}
@@ -214,22 +246,15 @@ class _DissectWorker:
         return {"state": stats.to_("cpu").state_dict(), "forward_s": forward_s, "statistics_s": stats_s, **who}
 
 
-def _open_worker(root: str, spec: ModelSpec, threads: int) -> tuple[Workspace, Any]:
-    """A worker's workspace (by its own path) and model (on its GPU when Ray gave it one)."""
-    from models.device import pick_device
+class _ReadWorker(_Worker):
+    """``read`` reads whole images: it writes the read caches, the driver writes the catalog."""
 
-    torch.set_num_threads(threads)
-    ws = Workspace.open(root, create=False)
-    return ws, spec.load(ws, pick_device())
+    def __init__(self, root: str, threads: int):
+        import models.inference  # noqa: F401
 
+        super().__init__(root, threads)
 
-class _ReadWorker:
-    """One Ray actor reading whole images: it writes the read caches, the driver writes the catalog."""
-
-    def __init__(self, root: str, spec: ModelSpec, threads: int):
-        self.ws, self.loaded = _open_worker(root, spec, threads)
-
-    def read(self, shard: int, image_ids: list[str], options: dict, progress_dir: str) -> dict:
+    def read(self, spec: ModelSpec, shard: int, image_ids: list[str], options: dict, progress_dir: str) -> dict:
         from dataclasses import replace
 
         from models.inference import read_mammogram
@@ -237,6 +262,7 @@ class _ReadWorker:
         from workspace.base.schema import utc_now
         from workspace.data.ingest import stored_path
 
+        loaded = self.model(spec)
         record = self.ws.root / progress_dir / f"{shard}.progress"
         who = {"pid": os.getpid(), "host": socket.gethostname(), "total": len(image_ids)}
         out: list[dict] = []
@@ -244,7 +270,7 @@ class _ReadWorker:
         try:
             for done, image_id in enumerate(image_ids, 1):
                 try:
-                    read = read_mammogram(self.ws, image_id, self.loaded, db=db, record=False, **options)
+                    read = read_mammogram(self.ws, image_id, loaded, db=db, record=False, **options)
                     # the maps stay in the cache on shared storage; the path travels relative to the workspace
                     out.append({"read": replace(read, maps=None, cache_path=Path(stored_path(self.ws, read.cache_path))),
                                 "created_at": utc_now()})
@@ -254,6 +280,12 @@ class _ReadWorker:
         finally:
             db.conn.close()
         return {"results": out, **who}
+
+
+def _finished(prepared: Any) -> bool:
+    from workspace.dissect.dissect_run import DissectionRun
+
+    return isinstance(prepared, DissectionRun)
 
 
 def _stop(ray: Any, actors: list) -> None:
@@ -308,51 +340,57 @@ def dissect_on_ray(ws: Workspace, loaded: Any, *, patch_set: str = "default", sp
                    address: str | None = None, workers: int | None = None, shards: int | None = None,
                    worker_root: str | os.PathLike | None = None, num_cpus: int | None = None) -> Any:
     """``mammo dissect --ray``: the run :func:`workspace.dissect.dissect_run.run_dissection` writes, computed
-    by shards on a Ray cluster (see the module docstring). ``address``: None starts a local cluster
-    (``num_cpus``), "auto" or an address joins one; ``workers``: actors (default one per GPU, else one per
-    CPU); ``shards``: default :func:`default_shards`; ``worker_root``: the workspace as workers see it."""
-    from models.checkpoint import register_model
-    from workspace.base.catalog import open_catalog
-    from workspace.dissect import dissect_run as dr
-    from workspace.dissect.dissection import DEFAULT_QUANTILE, DEFAULT_TOP_K
-
-    quantile = DEFAULT_QUANTILE if quantile is None else quantile
-    top_k = DEFAULT_TOP_K if top_k is None else top_k
-    memory_budget_mb = dr.DEFAULT_MEMORY_BUDGET_MB if memory_budget_mb is None else memory_budget_mb
-    batch_size = dr.DEFAULT_BATCH_SIZE if batch_size is None else batch_size
-    db = open_catalog(ws)
-    try:
-        register_model(db, loaded)
-    finally:
-        db.conn.close()
-    source = dr.model_source(ws, loaded, patch_set=patch_set, split=split, layer=layer, batch_size=batch_size)
-    n = len(source.patch_ids)
-    spec = ModelSpec.of(ws, loaded, source.identity["layer"])
+    by shards on a Ray cluster (see the module docstring). ``loaded``: the model, or a function that loads
+    it. ``address``: None starts a local cluster (``num_cpus``), "auto" or an address joins one; ``workers``:
+    actors (default one per GPU, else one per CPU); ``shards``: default :func:`default_shards`;
+    ``worker_root``: the workspace as workers see it."""
     root = str(worker_root or ws.root)
 
-    def sized() -> Any:   # the run's statistics sized from its first batch, and its id (or the finished run)
-        return dr.prepare_run(ws, source, quantile=quantile, top_k=top_k, memory_budget_mb=memory_budget_mb,
-                              device="cpu")
+    def prepare() -> tuple[Any, Any, Any]:
+        """The model, the patch set, and the run's statistics sized from its first batch with the run's id
+        (or the finished run). Here torch is imported: a driver joining a cluster has started its workers."""
+        nonlocal quantile, top_k, memory_budget_mb, batch_size
+        from models.checkpoint import register_model
+        from workspace.base.catalog import open_catalog
+        from workspace.dissect import dissect_run as dr
+        from workspace.dissect.dissection import DEFAULT_QUANTILE, DEFAULT_TOP_K
 
-    # joining a running cluster is quick, so its actors start (a process, torch, the model) while this process
-    # sizes the run; before starting a local cluster, the run is sized first (a finished run needs no cluster)
+        quantile = DEFAULT_QUANTILE if quantile is None else quantile
+        top_k = DEFAULT_TOP_K if top_k is None else top_k
+        memory_budget_mb = dr.DEFAULT_MEMORY_BUDGET_MB if memory_budget_mb is None else memory_budget_mb
+        batch_size = dr.DEFAULT_BATCH_SIZE if batch_size is None else batch_size
+        model = loaded() if callable(loaded) else loaded
+        db = open_catalog(ws)
+        try:
+            register_model(db, model)
+        finally:
+            db.conn.close()
+        source = dr.model_source(ws, model, patch_set=patch_set, split=split, layer=layer, batch_size=batch_size)
+        return model, source, dr.prepare_run(ws, source, quantile=quantile, top_k=top_k,
+                                             memory_budget_mb=memory_budget_mb, device="cpu")
+
+    # joining a running cluster is quick, so its actors start (a process, torch) while this process loads the
+    # model and sizes the run; before starting a local cluster, the run is sized first (a finished run needs
+    # no cluster)
     joining = address is not None or _ray().is_initialized()
-    prepared = None if joining else sized()
-    if isinstance(prepared, dr.DissectionRun):
+    model, source, prepared = (None, None, None) if joining else prepare()
+    if prepared is not None and _finished(prepared):
         return prepared
     with cluster(address, num_cpus=num_cpus) as ray:
-        plan = WorkerPlan.for_cluster(ray, workers, shards or math.ceil(n / batch_size))
-        actors = [_actor_class(ray, _DissectWorker, plan).remote(root, spec, patch_set, split, batch_size,
-                                                                 plan.threads()) for _ in range(plan.workers)]
+        batches = None if joining else math.ceil(len(source.patch_ids) / batch_size)   # None: not known yet
+        plan = WorkerPlan.for_cluster(ray, workers, batches)
+        actors = [_actor_class(ray, _DissectWorker, plan).remote(root, plan.threads()) for _ in range(plan.workers)]
         if prepared is None:
             try:
-                prepared = sized()
+                model, source, prepared = prepare()
             except BaseException:
                 _stop(ray, actors)
                 raise
-        if isinstance(prepared, dr.DissectionRun):   # found finished: no actor is needed
+        if _finished(prepared):   # no actor is needed
             _stop(ray, actors)
             return prepared
+        n = len(source.patch_ids)
+        spec = ModelSpec.of(ws, model, source.identity["layer"])
         stats = prepared.stats
         shard_dir = prepared.partial / "shards"
         shard_dir.mkdir(exist_ok=True)
@@ -382,11 +420,14 @@ def dissect_on_ray(ws: Workspace, loaded: Any, *, patch_set: str = "default", sp
         try:
             if todo:
                 ids = ids_digest(source.patch_ids)
-                calls = [(k, (k, *bounds[k], ids, stats.plan, quantile, top_k, stats.n_units,
+                where = {"patch_set": patch_set, "split": split, "batch_size": batch_size}
+                calls = [(k, (spec, where, k, *bounds[k], ids, stats.plan, quantile, top_k, stats.n_units,
                               list(stats.map_shape), os.path.relpath(shard_dir, ws.root))) for k in todo]
                 _drive(ray, actors, calls, "dissect", keep, bar, shard_dir)
         finally:
             bar.close()
+    from workspace.dissect import dissect_run as dr
+
     t = time.perf_counter()
     for k in range(len(bounds)):   # in shard order, one shard in memory at a time
         stats.merge(dr.DissectionStats.from_state_dict(_saved_shard(shard_dir, k, key), "cpu"))
@@ -428,8 +469,8 @@ def read_many_on_ray(ws: Workspace, image_ids: list[str], loaded: Any, *, addres
             bar = progress(total=len(ids), desc=f"reading on Ray ({plan.workers} workers)", unit="image")
             try:
                 actor = _actor_class(ray, _ReadWorker, plan)
-                actors = [actor.remote(str(worker_root or ws.root), spec, plan.threads()) for _ in range(plan.workers)]
-                calls = [(k, (k, ids[a:b], options, os.path.relpath(progress_dir, ws.root)))
+                actors = [actor.remote(str(worker_root or ws.root), plan.threads()) for _ in range(plan.workers)]
+                calls = [(k, (spec, k, ids[a:b], options, os.path.relpath(progress_dir, ws.root)))
                          for k, (a, b) in enumerate(bounds)]
                 _drive(ray, actors, calls, "read", lambda k, r: results.__setitem__(k, r["results"]), bar,
                        progress_dir)
@@ -456,12 +497,16 @@ def read_many_on_ray(ws: Workspace, image_ids: list[str], loaded: Any, *, addres
 
 
 def _save_shard(folder: Path, k: int, key: dict, state: dict) -> None:
+    import torch
+
     tmp = folder / f"{k}.pt.tmp"
     torch.save({"key": json.dumps(key, sort_keys=True, default=str), "state": state}, tmp)
     os.replace(tmp, folder / f"{k}.pt")
 
 
 def _saved_shard(folder: Path, k: int, key: dict) -> dict | None:
+    import torch
+
     path = folder / f"{k}.pt"
     if not path.is_file():
         return None

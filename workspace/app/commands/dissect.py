@@ -20,19 +20,21 @@ ORDER = 45
 
 def _run(args: argparse.Namespace) -> int:
     from workspace.base.config import Workspace
-    from workspace.dissect.dissect_run import run_dissection
 
     ws = Workspace.open(args.workspace)
-    loaded = load_model(ws, args)
     split = None if args.split == "all" else args.split
     options = given(args, "quantile", "top_k", "memory_budget_mb", "batch_size")
     if args.ray is not None:
         from workspace.dissect.cluster import dissect_on_ray
 
-        run = dissect_on_ray(ws, loaded, patch_set=args.patch_set, split=split, layer=args.layer,
-                             **ray_options(args), shards=args.shards, **options)
+        # the model is loaded once the workers are starting, so their start-up overlaps this process's
+        run = dissect_on_ray(ws, lambda: load_model(ws, args), patch_set=args.patch_set, split=split,
+                             layer=args.layer, **ray_options(args), shards=args.shards, **options)
     else:
-        run = run_dissection(ws, loaded, patch_set=args.patch_set, split=split, layer=args.layer, **options)
+        from workspace.dissect.dissect_run import run_dissection
+
+        run = run_dissection(ws, load_model(ws, args), patch_set=args.patch_set, split=split, layer=args.layer,
+                             **options)
     m = run.manifest
     th = m["thresholds"]
     method = th["method"]
