@@ -1,4 +1,4 @@
-"""Where a 1-worker `mammo dissect --ray` spends its time (issue 15's open goal): start-up against work.
+"""Where a 1-worker `mammo dissect --ray` spends its time (issue 15's 1.15 goal): start-up against work.
 
     .venv/bin/python bench/ray_worker_timeline.py -w /tmp/ray-bench [--runs 6]
 
@@ -6,7 +6,7 @@ Uses the workspace ``bench/bench_ray.py`` makes (patch set ``bench``). Starts a 
 runs ``mammo dissect --ray ADDRESS --workers 1`` ``--runs`` times as a user would, and ``mammo dissect`` as
 often, alternated, each on an empty ``runs`` folder. For each Ray run it follows the shard's progress file and
 prints when the run's partial folder appeared (the driver has sized the run), when the worker's first batch was
-done (its start-up is over), the worker's niceness and its huge pages then, and the total.
+done (its start-up is over), the worker's niceness then, and the total; at the end, the medians and their ratio.
 """
 
 from __future__ import annotations
