@@ -211,9 +211,10 @@ def rebuild_recorded_split(recorded: dict, *, birads0_fraction: float = 0.5, var
     """Rebuild a recorded synthetic split (see :meth:`PatchData.recorded_split`) from the generator alone.
 
     Only the images that hold a recorded patch are drawn (patient ``k`` depends only on (seed, k)); each is
-    written as a DICOM file (in ``folder``, default a temporary one) and read back through
-    :func:`workspace.data.dicom_io.read_dicom` in its normalised orientation, exactly as ingest reads it; the
-    patches are cut from those model pixels, in the recorded order and all in ``recorded["split"]``.
+    written as a DICOM file (in ``folder``, default a temporary one; the JPEG 2000 variant uncompressed, as its
+    compression is lossless) and read back through :func:`workspace.data.dicom_io.read_dicom` in its normalised
+    orientation, as ingest reads it; the patches are cut from those model pixels, in the recorded order and all
+    in ``recorded["split"]``.
     :func:`compare_to_recorded` tells whether the generator still draws the recorded pixels.
     """
     import tempfile
@@ -237,7 +238,7 @@ def rebuild_recorded_split(recorded: dict, *, birads0_fraction: float = 0.5, var
             plan = synth.plan_patient(seed, patient, birads0_fraction=birads0_fraction, variants=variants)
             image = synth.make_image(plan, key, tuple(shape) if shape else synth.FULL_SHAPE)
             path = Path(tmp) / f"{patient}-{key}.dcm"
-            synth.write_dicom(path, plan, image)
+            synth.write_dicom(path, plan, image, compress=False)
             model = dicom_io.read_dicom(path, orientation=(image.flip_h, image.flip_v)).model_pixels()
             path.unlink()
             for i in members:

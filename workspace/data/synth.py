@@ -850,8 +850,10 @@ def _uid(plan: PatientPlan, *parts: str) -> str:
     return str(generate_uid(entropy_srcs=["mammo-dissect-synthetic", str(plan.seed), str(plan.index), *parts]))
 
 
-def write_dicom(path: str | Path, plan: PatientPlan, image: SynthImage) -> int:
-    """Write ``image`` as an MG DICOM file (deterministic bytes); returns the file size in bytes."""
+def write_dicom(path: str | Path, plan: PatientPlan, image: SynthImage, *, compress: bool = True) -> int:
+    """Write ``image`` as an MG DICOM file (deterministic bytes); returns the file size in bytes.
+    ``compress=False`` leaves the ``jpeg2000`` variant uncompressed: its compression is lossless, so a caller
+    that only reads the pixel values back gets the same values without the encode and decode."""
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
     from pydicom.uid import JPEG2000Lossless
@@ -899,7 +901,7 @@ def write_dicom(path: str | Path, plan: PatientPlan, image: SynthImage) -> int:
     ds.WindowCenter = f"{image.window[0]:.1f}"
     ds.WindowWidth = f"{image.window[1]:.1f}"
     ds.VOILUTFunction = image.voi_function
-    if "jpeg2000" in image.variants:
+    if compress and "jpeg2000" in image.variants:
         ds.compress(JPEG2000Lossless, image.stored, encoding_plugin="pylibjpeg", generate_instance_uid=False)
     return save_dicom(ds, path).stat().st_size
 
