@@ -100,9 +100,9 @@ def test_a_driver_joining_a_cluster_starts_its_workers_before_it_loads_the_model
     events: list[str] = []
     real = cluster_module._actor_class
 
-    def actor_class(*args, **kwargs):
-        events.append("actor class")
-        return real(*args, **kwargs)
+    def actor_class(ray, worker, plan):
+        events.append(f"actor with {plan.threads()} threads")
+        return real(ray, worker, plan)
 
     def load():
         events.append("model loaded")
@@ -111,13 +111,41 @@ def test_a_driver_joining_a_cluster_starts_its_workers_before_it_loads_the_model
     monkeypatch.setattr(cluster_module, "_actor_class", actor_class)
     run = cluster_module.dissect_on_ray(copy_of_pipeline, load, address=ray_cluster, patch_set="default",
                                         split=None, workers=2)
-    assert events == ["actor class", "actor class", "model loaded"]
+    assert events == ["actor with 1 threads", "actor with 1 threads", "model loaded"]
+    _assert_same_run(run, pipeline.run)
+    # one shard asked for: one worker, with the cluster's 2 CPUs (the plan is made before the model is loaded)
+    shutil.rmtree(run.path)
+    events.clear()
+    run = cluster_module.dissect_on_ray(copy_of_pipeline, load, address=ray_cluster, patch_set="default",
+                                        split=None, shards=1)
+    assert events == ["actor with 2 threads", "model loaded"]
+    assert run.manifest["execution"]["workers"] == 1
     _assert_same_run(run, pipeline.run)
 
     code = ("import sys, workspace.app.cli, workspace.app.commands.dissect, workspace.dissect.cluster\n"
             "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
+
+
+def test_errors_on_the_way_say_what_went_wrong(ray_cluster, pipeline, copy_of_pipeline, tmp_path):
+    """The loader's own error reaches the caller unchanged (the started workers are stopped); a worker's error
+    reaches it with the worker's words, here a workers' workspace without the patch set."""
+    from workspace.base.errors import MammoError
+    from workspace.dissect.cluster import ClusterError, dissect_on_ray
+
+    def broken():
+        raise MammoError("no such model here")
+
+    with pytest.raises(MammoError, match="no such model here"):
+        dissect_on_ray(copy_of_pipeline, broken, address=ray_cluster, patch_set="default", split=None)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(copy_of_pipeline.root, elsewhere, ignore=shutil.ignore_patterns("patches"))
+    with pytest.raises(ClusterError, match="shard 0 failed on the cluster: .*patch") as error:
+        dissect_on_ray(copy_of_pipeline, pipeline.loaded, address=ray_cluster, patch_set="default", split=None,
+                       workers=1, worker_root=elsewhere)
+    assert "ray::" not in str(error.value), str(error.value)
+    assert not list(copy_of_pipeline.runs_dir.glob("*/manifest.json"))
 
 
 def test_a_worker_killed_half_way_changes_nothing(ray_cluster, pipeline, copy_of_pipeline):

@@ -63,6 +63,7 @@ from workspace.base.schema import utc_now
 
 BENIGN = ("benign", "benign_without_callback")
 DEFAULT_MIN_TISSUE = 0.1
+DEFAULT_BATCH_SIZE = 8   # patches per forward pass (dissection, proposals; Ray shards are cut on its multiples)
 """A read grid's patch holds at least this fraction of foreground (:func:`tissue_grid`)."""
 UNLABELLED = -1
 """``patches.label`` of a patch from an unlabelled image (:func:`build_tissue_patch_set`): neither lesion (1)

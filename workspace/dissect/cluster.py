@@ -96,15 +96,14 @@ class WorkerPlan:
     num_gpus: float
 
     @classmethod
-    def for_cluster(cls, ray: Any, wanted: int | None, tasks: int | None = None) -> WorkerPlan:
-        """``tasks``: at most one actor per task (None: not known yet)."""
+    def for_cluster(cls, ray: Any, wanted: int | None, tasks: int) -> WorkerPlan:
+        """At most one actor per task."""
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
-        cap = max(tasks, 1) if tasks is not None else math.inf
         if gpus:   # one actor per GPU
-            workers = min(wanted or gpus, gpus, cap)
+            workers = min(wanted or gpus, gpus, max(tasks, 1))
             return cls(workers, 1, 1)
-        workers = min(wanted or cpus, cap)
+        workers = min(wanted or cpus, max(tasks, 1))
         return cls(workers, max(1, cpus // workers) if workers <= cpus else 1, 0)
 
     def threads(self) -> int:
@@ -282,6 +281,14 @@ class _ReadWorker(_Worker):
         return {"results": out, **who}
 
 
+def _batches(ws: Workspace, patch_set: str, split: str | None, batch_size: int | None) -> int:
+    """The run's batches, counted from the patch set alone (before the model is loaded, so without torch)."""
+    from workspace.data.patches import DEFAULT_BATCH_SIZE, open_patch_set
+
+    n = sum(1 for r in open_patch_set(ws, patch_set).rows if split is None or r["split"] == split)
+    return math.ceil(n / (batch_size or DEFAULT_BATCH_SIZE))
+
+
 def _finished(prepared: Any) -> bool:
     from workspace.dissect.dissect_run import DissectionRun
 
@@ -319,9 +326,9 @@ def _drive(ray: Any, actors: list, calls: list[tuple[int, tuple]], method: str, 
             key, actor = pending.pop(ref)
             try:
                 result = ray.get(ref)
-            except Exception as error:  # RayTaskError / RayActorError once Ray's retries are spent
-                raise ClusterError(f"shard {key} failed on the cluster after {MAX_RESTARTS} retries: "
-                                   f"{str(error).splitlines()[0]}") from None
+            except Exception as error:  # the call's own error (RayTaskError), or RayActorError once Ray's
+                cause = getattr(error, "cause", None) or error   # restarts of a dead worker are spent
+                raise ClusterError(f"shard {key} failed on the cluster: {str(cause).splitlines()[0]}") from None
             finished[key] = int(result.get("total", 1))
             on_done(key, result)
             submit(actor)
@@ -377,14 +384,14 @@ def dissect_on_ray(ws: Workspace, loaded: Any, *, patch_set: str = "default", sp
     if prepared is not None and _finished(prepared):
         return prepared
     with cluster(address, num_cpus=num_cpus) as ray:
-        batches = None if joining else math.ceil(len(source.patch_ids) / batch_size)   # None: not known yet
-        plan = WorkerPlan.for_cluster(ray, workers, batches)
+        plan = WorkerPlan.for_cluster(ray, workers, shards or _batches(ws, patch_set, split, batch_size))
         actors = [_actor_class(ray, _DissectWorker, plan).remote(root, plan.threads()) for _ in range(plan.workers)]
         if prepared is None:
             try:
                 model, source, prepared = prepare()
             except BaseException:
-                _stop(ray, actors)
+                with contextlib.suppress(Exception):   # the error to report is prepare's
+                    _stop(ray, actors)
                 raise
         if _finished(prepared):   # no actor is needed
             _stop(ray, actors)

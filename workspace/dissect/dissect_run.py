@@ -48,6 +48,7 @@ from workspace.base.errors import CatalogError, MammoError
 from workspace.base.progress import progress
 from workspace.base.schema import utc_now
 from workspace.data.ingest import stored_path
+from workspace.data.patches import DEFAULT_BATCH_SIZE
 from workspace.dissect.dissection import (
     ALIGN_CORNERS,
     DEFAULT_QUANTILE,
@@ -66,7 +67,6 @@ from workspace.dissect.runningstats import (
 )
 
 DEFAULT_MEMORY_BUDGET_MB = 1024
-DEFAULT_BATCH_SIZE = 8
 CHECKPOINT_EVERY_S = 60.0
 MANIFEST = "manifest.json"
 ARRAYS = ("max_activations", "patch_ids", "top_k", "top_k_values", "thresholds", "pca",
