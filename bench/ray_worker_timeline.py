@@ -6,7 +6,8 @@ Uses the workspace ``bench/bench_ray.py`` makes (patch set ``bench``). Starts a 
 runs ``mammo dissect --ray ADDRESS --workers 1`` ``--runs`` times as a user would, and ``mammo dissect`` as
 often, alternated, each on an empty ``runs`` folder. For each Ray run it follows the shard's progress file and
 prints when the run's partial folder appeared (the driver has sized the run), when the worker's first batch was
-done (its start-up is over), the worker's niceness then, and the total; at the end, the medians and their ratio.
+done (its start-up is over), the worker's niceness then, and the total; for both commands, the forward pass's
+time per patch from the run's manifest (the work's own speed); at the end, the medians and their ratio.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def timed_run(root: Path, env: dict, extra: list[str]) -> dict:
     if process.returncode:
         raise SystemExit(f"mammo dissect failed: {process.stderr.read()[-1000:]}")
     found["total_s"] = time.monotonic() - start
+    manifest = json.loads(next((root / "runs").glob("*/manifest.json")).read_text())
+    found["forward_ms"] = 1000 * manifest["timing"]["forward_s"] / manifest["n_patches"]   # the work's own speed
     return found
 
 
@@ -66,12 +69,14 @@ def main() -> None:
         env = {**os.environ, "MAMMO_QUIET": "1"}   # after ray.init: it carries the cluster's token
         plain, on_ray = [], []
         for k in range(args.runs):
-            plain.append(timed_run(args.workspace, env, [])["total_s"])
+            single = timed_run(args.workspace, env, [])
+            plain.append(single["total_s"])
             run = timed_run(args.workspace, env, ["--ray", address, "--workers", "1"])
             on_ray.append(run["total_s"])
-            print(f"run {k + 1}: mammo dissect {plain[-1]:.1f} s; --ray: sized at {run.get('sized_s', 0):.1f} s, "
-                  f"worker's first batch done at {run.get('first_batch_s', 0):.1f} s (niceness "
-                  f"{run.get('niceness')}), total {run['total_s']:.1f} s", flush=True)
+            print(f"run {k + 1}: mammo dissect {plain[-1]:.1f} s (forward {single['forward_ms']:.1f} ms/patch); "
+                  f"--ray: sized at {run.get('sized_s', 0):.1f} s, worker's first batch done at "
+                  f"{run.get('first_batch_s', 0):.1f} s (niceness {run.get('niceness')}), total {run['total_s']:.1f} s "
+                  f"(forward {run['forward_ms']:.1f} ms/patch)", flush=True)
     finally:
         ray.shutdown()
     print(f"\nmedians: mammo dissect {statistics.median(plain):.1f} s, --ray --workers 1 "
