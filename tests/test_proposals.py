@@ -4,6 +4,7 @@ propose | proposals | accept | reject`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -92,13 +93,19 @@ def test_proposals_are_each_values_most_specific_matches(table):
     assert best.n_lesions > 0 and best.to_text().startswith(f"unit {best.unit}: probably {best.concept} (IoU ")
     assert len({p.unit for p in found}) == len(found)
     assert propose(table, min_iou=1.0) == [] and propose(table, min_lesions=10**6) == []
-    # a subset of images gives the IoU of its own sums (what the held-out check relies on)
+    # a subset of images gives the IoU of a table made of those images alone (what the held-out check relies
+    # on); the whole table's IoU is checked against the maps above
     images = sorted(table.area)
-    half = images[: max(1, len(images) // 2)]
-    inter = sum(table.inter[i] for i in half)
-    union = sum(table.area[i] for i in half)[:, None] + sum(table.lesion_area[i] for i in half)[None, :] - inter
-    np.testing.assert_allclose(table.iou(half)[0], np.where(union > 0, inter / np.maximum(union, 1), 0.0))
-    np.testing.assert_array_equal(table.iou(images)[0], iou)
+    half, rest = images[: max(1, len(images) // 2)], images[max(1, len(images) // 2):]
+
+    def only(chosen):
+        return dataclasses.replace(table, **{name: {i: getattr(table, name)[i] for i in chosen}
+                                             for name in ("inter", "area", "lesion_area", "lesions", "n_patches")})
+
+    for part in (half, rest):
+        np.testing.assert_array_equal(table.iou(part)[0], only(part).iou()[0])
+    np.testing.assert_array_equal(table.iou(half)[1] + table.iou(rest)[1], counts)
+    assert not np.array_equal(table.iou(half)[0], iou)   # the subset is not ignored
 
 
 def test_proposals_are_stored_and_decided_never_applied(pipeline, tmp_path):
@@ -107,12 +114,13 @@ def test_proposals_are_stored_and_decided_never_applied(pipeline, tmp_path):
     model, layer = run.model_digest, run.layer
     found = [Proposal(unit=3, concept="spiculated", attribute="finding", value="spiculated", iou=0.31, n_lesions=42,
                       runner_up="mass", runner_up_iou=0.2),
-             Proposal(unit=5, concept="mass", attribute="kind", value="mass", iou=0.12, n_lesions=9)]
+             Proposal(unit=5, concept="mass", attribute="kind", value="mass", iou=0.012, n_lesions=9)]
     with ConceptStore(pipeline.ws) as store:
         assert store.save_proposals(run.run_id, model, layer, found) == 2
         rows = store.proposals(model, layer)
         assert [(r.unit, r.concept, r.status) for r in rows] == [(3, "spiculated", "proposed"), (5, "mass", "proposed")]
         assert rows[0].to_text() == "unit 3: probably spiculated (IoU 0.31 over 42 lesions)"
+        assert rows[1].to_text() == "unit 5: probably mass (IoU 0.012 over 9 lesions)"   # a real run's size
         before = store.current_labels(model, layer)
         assert 3 not in before and 5 not in before                            # nothing applied
         with pytest.raises(ConceptError, match="no proposal 999"):

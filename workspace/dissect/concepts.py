@@ -127,7 +127,9 @@ class ProposalRow:
     decided_source: str | None
 
     def evidence_text(self) -> str:
-        return f"IoU {self.iou:.2f} over {self.n_lesions} lesion{'s' if self.n_lesions != 1 else ''}"
+        from workspace.dissect.proposals import evidence_text
+
+        return evidence_text(self.iou, self.n_lesions)
 
     def to_text(self) -> str:
         return f"unit {self.unit}: probably {self.concept} ({self.evidence_text()})"

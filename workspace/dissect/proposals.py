@@ -96,6 +96,12 @@ class IoUTable:
         return iou, counts
 
 
+def evidence_text(iou: float, n_lesions: int) -> str:
+    """A proposal's evidence as readers see it, e.g. "IoU 0.012 over 31 lesions" (two significant digits: a
+    dataset-level IoU is often below 0.01)."""
+    return f"IoU {iou:#.2g} over {n_lesions} lesion{'s' if n_lesions != 1 else ''}"
+
+
 @dataclass
 class Proposal:
     unit: int
@@ -108,7 +114,7 @@ class Proposal:
     runner_up_iou: float | None = None
 
     def evidence(self) -> str:
-        return f"IoU {self.iou:.2f} over {self.n_lesions} lesion{'s' if self.n_lesions != 1 else ''}"
+        return evidence_text(self.iou, self.n_lesions)
 
     def to_text(self) -> str:
         return f"unit {self.unit}: probably {self.concept} ({self.evidence()})"
@@ -238,5 +244,5 @@ def propose(table: IoUTable, *, images: Iterable[str] | None = None, per_value: 
     return out
 
 
-__all__ = ["DEFAULT_PER_VALUE", "DEFAULT_MIN_IOU", "DEFAULT_MIN_LESIONS", "DESCRIPTIVE_ATTRIBUTES", "ProposalError", "attribute_values", "concept_name",
+__all__ = ["evidence_text", "DEFAULT_PER_VALUE", "DEFAULT_MIN_IOU", "DEFAULT_MIN_LESIONS", "DESCRIPTIVE_ATTRIBUTES", "ProposalError", "attribute_values", "concept_name",
            "IoUTable", "Proposal", "iou_table", "propose"]

@@ -172,7 +172,7 @@ def _run(args: argparse.Namespace) -> int:
             rows = store.proposals(model, layer, status=None if args.status == "all" else args.status)
             return _listing(args, rows, f"no {args.status} proposals (compute them with `mammo concepts propose`)",
                             ["#", "unit", "concept", "IoU", "lesions", "status", "decided by"],
-                            lambda r: [str(r.proposal_id), str(r.unit), r.concept, f"{r.iou:.2f}", str(r.n_lesions),
+                            lambda r: [str(r.proposal_id), str(r.unit), r.concept, f"{r.iou:#.2g}", str(r.n_lesions),
                                        r.status, r.decided_by or ""])
 
         if args.action in ("accept", "reject"):
