@@ -63,8 +63,7 @@ def charts_for_sample(mc: Any, sample_id: str) -> dict | None:
     by_unit = dict(zip(units, thresholds, strict=True))
     thr = [by_unit[u] for u in range(mc.n_units)]
     with ConceptStore(mc.ws) as store:
-        labels = store.labels(mc.model_digest, mc.layer)
-        labelled_by = store.labellers(mc.model_digest, mc.layer)
+        labels, labelled_by = store.labels_and_labellers(mc.model_digest, mc.layer)
         proposals = proposal_texts(store, mc.model_digest, mc.layer)
         query = store.latest_query(mc.model_digest, mc.layer, image_id=sample["image_id"])
     changes, no_changes = _score_changes(mc, sample["patch_id"], concept_groups(labels))

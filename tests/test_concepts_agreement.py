@@ -89,10 +89,12 @@ def test_the_team_rule_decides_what_reports_read(store):
     latest = {u: c.name for u, c in store.labels(MODEL, LAYER).items()}
     assert latest == {0: "calcification", 1: "mass", 2: "calcification", 3: "calcification"}
     assert store.labellers(MODEL, LAYER)[0] == C
+    assert store.labels_and_labellers(MODEL, LAYER) == (store.labels(MODEL, LAYER), store.labellers(MODEL, LAYER))
     store.set_rule("majority", by="lead")
     # 0: mass 2 of 3; 1: mass; 2: a tie, left out; 3: Ben alone
     assert {u: c.name for u, c in store.labels(MODEL, LAYER).items()} == {0: "mass", 1: "mass", 3: "calcification"}
     assert store.labellers(MODEL, LAYER) == {0: f"{A}, {B}", 1: f"{A}, {B}", 3: B}
+    assert store.labels_and_labellers(MODEL, LAYER) == (store.labels(MODEL, LAYER), store.labellers(MODEL, LAYER))
     # a remove withdraws that reader's vote only; under the majority rule the others' still count
     store.remove_labels(MODEL, LAYER, [1], by=A, source="cli")
     assert store.votes(MODEL, LAYER)[1] == {B: "mass"}

@@ -698,13 +698,17 @@ class ConceptStore:
                 for r in rows]
 
     def labellers(self, model_digest: str, layer: str) -> dict[int, str]:
-        """Who gave each label :meth:`labels` returns: ``{unit: labelled_by}`` (for reports; by the majority
-        rule, the readers who named the majority's concept, joined by ", ")."""
+        """Who gave each label :meth:`labels` returns: ``{unit: labelled_by}`` (by the majority rule, the
+        readers who named the majority's concept, joined by ", ")."""
+        return self.labels_and_labellers(model_digest, layer)[1]
+
+    def labels_and_labellers(self, model_digest: str, layer: str) -> tuple[dict[int, Concept], dict[int, str]]:
+        """:meth:`labels` and :meth:`labellers` from one read of the rule and the labels (or votes): what a
+        report needs."""
         if self.rule() == "majority":
-            return self._majority(model_digest, layer)[1]
-        rows = self._read("SELECT unit, labelled_by FROM neuron_labels WHERE model_digest = ? AND layer = ?",
-                          [model_digest, layer])
-        return {int(r[0]): r[1] for r in rows}
+            return self._majority(model_digest, layer)
+        rows = self.label_rows(model_digest, layer)
+        return {r.unit: r.concept for r in rows}, {r.unit: r.labelled_by for r in rows}
 
     def votes(self, model_digest: str, layer: str) -> dict[int, dict[str, str]]:
         """Each reader's latest say on each unit of (model, layer): ``{unit: {reader: concept name}}``, a

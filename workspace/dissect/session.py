@@ -360,7 +360,7 @@ class Session:
             iou = np.asarray(result.iou, dtype=np.float64)
             aligned = [int(u) for u in result.aligned]
             roi_geometry = encode_roi(roi_pixels)
-        labels = self.store.labels(run.model_digest, run.layer)
+        labels, labelled_by = self.store.labels_and_labellers(run.model_digest, run.layer)
         changes, silence_notes = None, []
         if silence and labels:
             try:
@@ -388,7 +388,7 @@ class Session:
                               iou_threshold=self.iou_threshold, image_id=image_id, patch_box=patch_box,
                               model_digest=run.model_digest, layer=run.layer, run_id=run.run_id, query_id=query_id,
                               roi=roi_geometry, thumbnail=thumb, read=read, card=self.card,
-                              labelled_by=self.store.labellers(run.model_digest, run.layer), score_changes=changes,
+                              labelled_by=labelled_by, score_changes=changes,
                               proposals=proposal_texts(self.store, run.model_digest, run.layer))
         report.notes.extend(silence_notes)
         return report
