@@ -481,7 +481,7 @@ MASK_CACHE_MB = 1024   # the images' patch masks kept in memory, least recently 
 
 def mask_cache_bytes() -> int:
     """The memory the cached masks may hold: ``MAMMO_MASK_CACHE_MB`` (megabytes), else :data:`MASK_CACHE_MB`.
-    A fully built image of the demo's full-size films holds 25 to 50 MB (`bench/bench_readers.py` prints it)."""
+    What a fully built image holds: bench/RESULTS.md, "Concurrent readers" (`bench/bench_readers.py` prints it)."""
     raw = os.environ.get("MAMMO_MASK_CACHE_MB", "")
     try:
         mb = float(raw) if raw else MASK_CACHE_MB
